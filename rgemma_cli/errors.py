@@ -1,0 +1,9 @@
+"""The one exception type the library raises for a user's mistake or bad input.
+
+The CLI prints its message as a single line and exits non-zero; anything else that escapes
+is a bug in rgemma.
+"""
+
+
+class RgemmaError(Exception):
+    """A failure the user can act on; the message is one line and says what to do."""

@@ -1,0 +1,144 @@
+"""Read and write the safetensors format with NumPy alone, memory-mapped.
+
+File layout: an 8-byte little-endian header length, a JSON header
+`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then raw
+little-endian data with offsets relative to the end of the header.
+
+BF16 has no NumPy dtype: BF16 tensors are returned as `uint16` arrays holding the bfloat16
+bits (the top half of a float32). `bf16_to_f32` / `f32_to_bf16` convert.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RgemmaError
+
+DTYPES = {
+    "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+    "F64": np.dtype("<f8"), "I8": np.dtype("i1"), "U8": np.dtype("u1"),
+    "I32": np.dtype("<i4"), "I64": np.dtype("<i8"), "U16": np.dtype("<u2"),
+}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """Widen bfloat16 bits (uint16) to float32, exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 bits (uint16), round-to-nearest-even as torch does."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    nan = np.isnan(np.asarray(x, dtype=np.float32))
+    out = rounded.astype(np.uint16)
+    out[nan] = 0x7FC0
+    return out
+
+
+class SafetensorsFile:
+    """One memory-mapped safetensors file; `tensor(name)` returns a read-only array view."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise RgemmaError(f"{self.path}: truncated safetensors file (no header)")
+                (n,) = struct.unpack("<Q", head)
+                if n > MAX_HEADER or 8 + n > size:
+                    raise RgemmaError(f"{self.path}: corrupt or truncated safetensors header")
+                try:
+                    header = json.loads(f.read(n).decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    raise RgemmaError(f"{self.path}: corrupt safetensors header (not JSON)") from None
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        except FileNotFoundError:
+            raise RgemmaError(f"missing checkpoint file {self.path}") from None
+        except IsADirectoryError:
+            raise RgemmaError(f"{self.path} is a directory, not a safetensors file") from None
+        if not isinstance(header, dict):
+            raise RgemmaError(f"{self.path}: corrupt safetensors header")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        self.header = header
+        self._check(size)
+
+    def _check(self, size: int) -> None:
+        for name, info in self.header.items():
+            try:
+                dtype = DTYPES[info["dtype"]]
+                shape = [int(s) for s in info["shape"]]
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise RgemmaError(f"{self.path}: tensor {name!r} has an unsupported or corrupt "
+                                  f"header entry {info!r}") from None
+            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin < 0:
+                raise RgemmaError(f"{self.path}: tensor {name!r} byte range does not match its shape")
+            if self.data_start + end > size:
+                raise RgemmaError(f"{self.path}: truncated (tensor {name!r} ends past the end of the file)")
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype string of a tensor ("F32", "BF16", ...)."""
+        return self.header[name]["dtype"]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A zero-copy, read-only view of the tensor's bytes in the mapped file."""
+        info = self.header[name]
+        begin, end = info["data_offsets"]
+        dtype = DTYPES[info["dtype"]]
+        count = (end - begin) // dtype.itemsize
+        if count == 0:
+            return np.zeros(info["shape"], dtype)
+        a = np.frombuffer(self._map, dtype=dtype, count=count, offset=self.data_start + begin)
+        return a.reshape(info["shape"])
+
+
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict | None = None,
+                      dtypes: dict | None = None) -> None:
+    """Write tensors (NumPy arrays) to a safetensors file, atomically.
+
+    `dtypes` maps a name to a safetensors dtype string where the NumPy dtype is ambiguous; a
+    uint16 array is written as BF16 unless said otherwise.
+    """
+    inverse = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<u2"): "BF16",
+               np.dtype("<f8"): "F64", np.dtype("i1"): "I8", np.dtype("u1"): "U8",
+               np.dtype("<i4"): "I32", np.dtype("<i8"): "I64"}
+    dtypes = dtypes or {}
+    header, offset, arrays = {}, 0, []
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        header[name] = {"dtype": dtypes.get(name) or inverse[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for a in arrays:
+            f.write(a.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
