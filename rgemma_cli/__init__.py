@@ -1,0 +1,32 @@
+"""rgemma: RecurrentGemma (Griffin) on a laptop CPU, exact to the reference.
+
+    from rgemma_cli import load
+    model, tokenizer = load("google/recurrentgemma-2b-it")   # or a local directory, or "demo"
+    state = model.initial_state()
+    logits, state = model.forward(tokenizer.encode("Hello"), state)
+"""
+
+from __future__ import annotations
+
+from .errors import RgemmaError
+
+__all__ = ["load", "RgemmaError"]
+__version__ = "0.1.0"
+
+
+def load(path_or_repo_id: str):
+    """Load a model and its tokenizer from a local directory, "demo", or a Hugging Face repo id.
+
+    Returns (model, tokenizer); tokenizer is None when the directory has no tokenizer.model.
+    """
+    from .checkpoint import load_weights, resolve
+    from .model import Griffin
+
+    directory = resolve(str(path_or_repo_id))
+    config, weights, fingerprint = load_weights(directory)
+    model = Griffin(config, weights, fingerprint)
+    tokenizer = None
+    if (directory / "tokenizer.model").exists():
+        from .tokenizer import Tokenizer
+        tokenizer = Tokenizer(directory / "tokenizer.model")
+    return model, tokenizer

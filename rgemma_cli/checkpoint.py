@@ -1,0 +1,179 @@
+"""Find and load a Hugging Face RecurrentGemma checkpoint, memory-mapped in its stored dtype.
+
+A model argument is a local directory, `demo` (the small model shipped in weights/demo), or a
+Hub repo id resolved through huggingface-hub (HF cache, HF_TOKEN, HF_HUB_OFFLINE), fetching only
+the files rgemma needs. Weights stay memory-mapped in their stored dtype (a 17 GB bf16 9B must
+fit in 24 GB); only the small vectors are widened to float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .config import ATTENTION, ModelConfig
+from .errors import RgemmaError
+from .safetensors import SafetensorsFile, bf16_to_f32
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / "weights" / "demo"
+NEEDED_FILES = ["config.json", "generation_config.json", "model.safetensors",
+                "model.safetensors.index.json", "model-*.safetensors", "tokenizer.model"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A copy of the tied embedding that the HF conversion wrote into the released checkpoints.
+IGNORED = {"lm_head.weight"}
+
+
+# -- finding the files --------------------------------------------------------------------------
+
+def resolve(model: str, *, tqdm_class=None) -> Path:
+    """The local directory holding `model`: a directory, "demo", or a Hub repo id (downloaded)."""
+    if model == "demo":
+        if not (DEMO_DIR / "config.json").exists():
+            raise RgemmaError(f"the demo model is missing from {DEMO_DIR}")
+        return DEMO_DIR
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise RgemmaError(f"{model} is a file; give the model's directory (config.json + *.safetensors)")
+    if not _REPO_ID.match(model) or model.startswith((".", "/", "~")):
+        raise RgemmaError(f"model not found: {model} is neither a local directory nor a Hub repo id "
+                          f"like google/recurrentgemma-2b-it")
+    return _from_hub(model, tqdm_class)
+
+
+def _from_hub(repo_id: str, tqdm_class=None) -> Path:
+    # Imported here: huggingface_hub costs ~0.3 s to import and local models never need it.
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hf
+
+    licence = f"https://huggingface.co/{repo_id}"
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=NEEDED_FILES, tqdm_class=tqdm_class))
+    except hf.GatedRepoError:
+        raise RgemmaError(f"{repo_id} is gated: accept its licence at {licence} and set HF_TOKEN "
+                          f"(or run `hf auth login`); `-m demo` works offline") from None
+    except hf.RepositoryNotFoundError:
+        raise RgemmaError(f"unknown model {repo_id}: no such repo on the Hugging Face Hub (if it is "
+                          f"private or gated, set HF_TOKEN or run `hf auth login`)") from None
+    except hf.RevisionNotFoundError:
+        raise RgemmaError(f"{repo_id}: revision not found on the Hub") from None
+    except hf.LocalEntryNotFoundError:
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            raise RgemmaError(f"{repo_id} is not in the local HF cache and HF_HUB_OFFLINE is set: "
+                              f"run `rgemma download {repo_id}` online first, or use `-m demo`") from None
+        raise RgemmaError(f"cannot reach the Hugging Face Hub and {repo_id} is not in the local "
+                          f"cache: check the network, or use `-m demo`") from None
+    except hf.HfHubHTTPError as e:
+        raise RgemmaError(f"{repo_id}: Hub request failed: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise RgemmaError(f"{repo_id}: download failed: {e}") from None
+
+
+# -- reading the tensors ------------------------------------------------------------------------
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this config must hold, with its HF shape."""
+    D, R, E, H, hd = cfg.hidden_size, cfg.lru_width, cfg.mlp_width, cfg.num_attention_heads, cfg.head_dim
+    bw, kv = cfg.lru_block_width, cfg.num_key_value_heads * cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.final_norm.weight": (D,)}
+    for i, kind in enumerate(cfg.layer_types):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "temporal_pre_norm.weight": (D,), p + "channel_pre_norm.weight": (D,),
+            p + "mlp_block.gate_proj.weight": (E, D), p + "mlp_block.gate_proj.bias": (E,),
+            p + "mlp_block.up_proj.weight": (E, D), p + "mlp_block.up_proj.bias": (E,),
+            p + "mlp_block.down_proj.weight": (D, E), p + "mlp_block.down_proj.bias": (D,),
+        })
+        t = p + "temporal_block."
+        if kind == ATTENTION:
+            shapes.update({t + "q_proj.weight": (H * hd, D), t + "k_proj.weight": (kv, D),
+                           t + "v_proj.weight": (kv, D), t + "o_proj.weight": (D, H * hd),
+                           t + "o_proj.bias": (D,)})
+        else:
+            shapes.update({
+                t + "linear_y.weight": (R, D), t + "linear_y.bias": (R,),
+                t + "linear_x.weight": (R, D), t + "linear_x.bias": (R,),
+                t + "linear_out.weight": (D, R), t + "linear_out.bias": (D,),
+                t + "conv_1d.weight": (R, 1, cfg.conv1d_width), t + "conv_1d.bias": (R,),
+                t + "rg_lru.recurrent_param": (R,),
+                t + "rg_lru.input_gate_weight": (H, bw, bw), t + "rg_lru.input_gate_bias": (H, bw),
+                t + "rg_lru.recurrent_gate_weight": (H, bw, bw), t + "rg_lru.recurrent_gate_bias": (H, bw),
+            })
+    return shapes
+
+
+def _open_files(directory: Path) -> dict[str, SafetensorsFile]:
+    """tensor name -> the file holding it, from the index or the single file."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise RgemmaError(f"{index} is not a valid safetensors index") from None
+        files = {s: SafetensorsFile(directory / s) for s in shards}
+        where = {}
+        for name, shard in weight_map.items():
+            if name not in files[shard].header:
+                raise RgemmaError(f"{directory / shard}: tensor {name!r} listed in the index is missing")
+            where[name] = files[shard]
+        return where
+    single = directory / "model.safetensors"
+    if not single.exists():
+        raise RgemmaError(f"no model.safetensors or model.safetensors.index.json in {directory}")
+    f = SafetensorsFile(single)
+    return {name: f for name in f.keys()}
+
+
+def fingerprint(cfg: ModelConfig, files: dict[str, SafetensorsFile]) -> str:
+    """A digest of the config and every tensor's name, dtype and shape: the model's identity."""
+    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    for name in sorted(files):
+        f = files[name]
+        h.update(f"{name}:{f.dtype(name)}:{f.shape(name)};".encode())
+    return h.hexdigest()
+
+
+def load_weights(directory: str | Path):
+    """Read config.json and the safetensors of a model directory.
+
+    Returns (config, weights, fingerprint): weights maps HF names to arrays; 2-D matrices stay
+    memory-mapped in their stored dtype (bf16 as uint16 bits), small tensors become float32.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise RgemmaError(f"model directory not found: {directory}")
+    cfg = ModelConfig.from_json(directory / "config.json")
+    files = _open_files(directory)
+    shapes = expected_shapes(cfg)
+    present = set(files) - IGNORED
+    missing = sorted(set(shapes) - present)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise RgemmaError(f"checkpoint in {directory} is missing tensor {missing[0]}{more}; "
+                          f"it does not match its config.json")
+    extra = sorted(present - set(shapes))
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise RgemmaError(f"checkpoint in {directory} has unexpected tensor {extra[0]}{more}; "
+                          f"it does not match its config.json")
+    weights = {}
+    for name, shape in shapes.items():
+        f = files[name]
+        if f.shape(name) != shape:
+            raise RgemmaError(f"tensor {name} has shape {list(f.shape(name))}, expected {list(shape)} "
+                              f"from config.json")
+        dtype = f.dtype(name)
+        if dtype not in ("F32", "BF16", "F16"):
+            raise RgemmaError(f"tensor {name} has dtype {dtype}; rgemma reads F32, BF16 and F16")
+        a = f.tensor(name)
+        if not (name.endswith(".weight") and len(shape) == 2):  # small: keep as float32
+            a = bf16_to_f32(a) if dtype == "BF16" else np.array(a, dtype=np.float32)
+        weights[name] = a
+    return cfg, weights, fingerprint(cfg, files)
