@@ -1,0 +1,34 @@
+# rgemma — `make install` then `make test` on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+
+.PHONY: install install-reference test test-live fixtures bench docs clean
+
+install: $(BIN)/rgemma
+$(BIN)/rgemma: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $@
+	@echo "installed: activate with '. $(VENV)/bin/activate', then run 'rgemma --help'"
+
+# The references (torch CPU, transformers, recurrentgemma): only for fixtures and live parity.
+install-reference: install
+	$(BIN)/pip install --quiet -e '.[test,reference]'
+
+test:
+	$(BIN)/python -m pytest -q
+
+fixtures: install-reference
+	$(BIN)/python scripts/make_fixtures.py
+
+bench: install-reference
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/run.py
+
+docs:
+	$(BIN)/python scripts/gen_usage.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
