@@ -1,0 +1,124 @@
+"""Choosing the next token from the logits: greedy, or sampled with the usual knobs.
+
+The pipeline follows llama.cpp / Hugging Face semantics: repetition penalty over the last n
+tokens (positive logits divided, negative multiplied), then temperature, top-k, top-p (the
+smallest set of most likely tokens whose mass reaches p) and min-p (drop tokens less likely
+than min_p x the most likely one). Temperature 0 is greedy: argmax, ties to the lowest id.
+
+Sampling draws exactly one uniform number per token from a NumPy PCG64 generator whose state is
+plain JSON, so a saved conversation resumes with the very same random stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import RgemmaError
+
+MAX_REPEAT_LAST_N = 4096  # the history a state file keeps (statefile.HISTORY_KEEP)
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """The sampling knobs; names match the CLI flags."""
+
+    temperature: float = 0.7
+    top_k: int = 40  # 0 = off
+    top_p: float = 0.95  # 1 = off
+    min_p: float = 0.05  # 0 = off
+    repeat_penalty: float = 1.0  # 1 = off
+    repeat_last_n: int = 64  # 0 = off
+    seed: int | None = None  # None: a random seed, chosen once and recorded
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise RgemmaError naming the flag whose value is out of range."""
+        def need(ok, msg):
+            if not ok:
+                raise RgemmaError(msg)
+        need(np.isfinite(self.temperature) and self.temperature >= 0,
+             f"--temperature must be >= 0, got {self.temperature}")
+        need(isinstance(self.top_k, int) and self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
+        need(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
+        need(0 <= self.min_p <= 1, f"--min-p must be in [0, 1], got {self.min_p}")
+        need(np.isfinite(self.repeat_penalty) and self.repeat_penalty > 0,
+             f"--repeat-penalty must be > 0, got {self.repeat_penalty}")
+        need(isinstance(self.repeat_last_n, int) and 0 <= self.repeat_last_n <= MAX_REPEAT_LAST_N,
+             f"--repeat-last-n must be in [0, {MAX_REPEAT_LAST_N}], got {self.repeat_last_n}")
+        need(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**64),
+             f"--seed must be in [0, 2^64), got {self.seed}")
+
+    def with_seed(self) -> "SamplerSettings":
+        """These settings with a concrete seed (a random one if none was given)."""
+        return self if self.seed is not None else dataclasses.replace(self, seed=secrets.randbits(63))
+
+    def replace(self, **changes) -> "SamplerSettings":
+        """A copy with some values changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SamplerSettings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def new_rng_state(seed: int) -> dict:
+    """The JSON-able PCG64 state a seed starts from."""
+    return np.random.PCG64(seed).state
+
+
+def apply_repeat_penalty(logits: np.ndarray, recent, penalty: float) -> np.ndarray:
+    """Penalise every token in `recent` once (llama.cpp / HF CTRL-style penalty)."""
+    if penalty == 1.0 or len(recent) == 0:
+        return logits
+    logits = logits.copy()
+    ids = np.unique(np.asarray(recent, dtype=np.int64))
+    ids = ids[(ids >= 0) & (ids < logits.size)]
+    x = logits[ids]
+    logits[ids] = np.where(x > 0, x / penalty, x * penalty)
+    return logits
+
+
+def candidates(logits: np.ndarray, s: SamplerSettings) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens left after temperature, top-k, top-p and min-p, most likely first, with their
+    probabilities (float64, summing to 1). Ties are ordered by lowest id."""
+    z = logits.astype(np.float64) / s.temperature
+    ids = np.arange(z.size)
+    if 0 < s.top_k < z.size:  # partial selection first: a full sort of 256k logits is slow
+        ids = np.argpartition(-z, s.top_k - 1)[:s.top_k]
+    ids = ids[np.lexsort((ids, -z[ids]))]  # by logit descending, then id ascending
+    z = z[ids]
+    p = np.exp(z - z[0])
+    p /= p.sum()
+    if s.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(p), s.top_p)) + 1
+        ids, p = ids[:keep], p[:keep]
+    if s.min_p > 0.0:
+        keep = max(1, int(np.count_nonzero(p >= s.min_p * p[0])))
+        ids, p = ids[:keep], p[:keep]
+    return ids, p / p.sum()
+
+
+def sample(logits: np.ndarray, s: SamplerSettings, recent, rng: np.random.Generator) -> int:
+    """The next token id from one row of logits; `recent` are the preceding token ids.
+
+    Greedy (temperature 0) uses no randomness; otherwise exactly one `rng.random()` is drawn.
+    """
+    logits = np.asarray(logits, dtype=np.float32).reshape(-1)
+    if s.repeat_last_n > 0:
+        logits = apply_repeat_penalty(logits, list(recent)[-s.repeat_last_n:], s.repeat_penalty)
+    if s.temperature == 0:
+        return int(np.argmax(logits))
+    u = rng.random()
+    ids, p = candidates(logits, s)
+    i = int(np.searchsorted(np.cumsum(p), u, side="right"))
+    return int(ids[min(i, ids.size - 1)])
