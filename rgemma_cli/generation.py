@@ -1,0 +1,180 @@
+"""The generation loop: feed tokens, sample, stream text, stop; resumable at any token.
+
+A conversation's position is a `Context` — the model state, the recent fed tokens, the *pending*
+tokens (decided but not yet fed: the last sampled token, or a prompt not yet run) and the
+sampler's RNG state. A step feeds the pending tokens and samples one new pending token. The
+context is immutable and replaced by a single assignment after each step, so a Ctrl-C at any
+moment leaves `Session.ctx` describing exactly the tokens shown so far, and saving it then
+resuming reproduces an uninterrupted run token for token.
+
+    session = Session(model, tokenizer, SamplerSettings(temperature=0))
+    for piece in session.generate(tokenizer.raw_prompt("Hello"), max_tokens=20):
+        print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .errors import RgemmaError
+from .sampling import MAX_REPEAT_LAST_N, SamplerSettings, new_rng_state, sample
+from .state import State
+from .tokenizer import END_OF_TURN, Tokenizer
+
+HISTORY_KEEP = MAX_REPEAT_LAST_N  # fed tokens remembered: the widest repeat-penalty window
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where a token stream stands. Never mutated: every step makes a new one."""
+
+    state: State  # the model state after every fed token
+    recent: tuple[int, ...]  # the last fed tokens (at most HISTORY_KEEP), for the repeat penalty
+    pending: tuple[int, ...]  # decided but not yet fed; fed first by the next step
+    rng: dict  # the sampler's PCG64 state (JSON-able)
+
+    @property
+    def tokens_seen(self) -> int:
+        """Tokens in the stream so far, fed or pending."""
+        return self.state.pos + len(self.pending)
+
+
+@dataclass
+class Generation:
+    """One call of `Session.generate`: iterate for text pieces; the fields fill in as it runs."""
+
+    tokens: list[int] = field(default_factory=list)  # sampled ids, the stopping one included
+    text: str = ""  # everything yielded
+    finish_reason: str | None = None  # "stop" | "length" | "interrupted"
+    prompt_tokens: int = 0  # tokens fed by the first step (the prompt and the old pending token)
+    prompt_seconds: float = 0.0
+    gen_seconds: float = 0.0
+    _iter: object = None
+
+    def __iter__(self):
+        return self._iter
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def gen_tps(self) -> float:
+        n = len(self.tokens) - 1  # the first token's time is counted with the prompt
+        return n / self.gen_seconds if n > 0 and self.gen_seconds else 0.0
+
+
+class Session:
+    """A model, its tokenizer, sampler settings and a `Context`; generation advances it."""
+
+    def __init__(self, model, tokenizer: Tokenizer, settings: SamplerSettings,
+                 ctx: Context | None = None, *, mode: str = "raw", transcript=None):
+        self.model, self.tokenizer = model, tokenizer
+        self.settings = settings.with_seed()
+        self.ctx = ctx or Context(model.initial_state(), (), (), new_rng_state(self.settings.seed))
+        self.mode = mode  # "chat" or "raw": how prompts are wrapped
+        self.transcript = list(transcript or [])  # [{"role": "system"|"user"|"model", "content"}]
+        self._rng = np.random.Generator(np.random.PCG64())
+
+    @property
+    def fresh(self) -> bool:
+        """Nothing has been fed or queued yet."""
+        return self.ctx.tokens_seen == 0
+
+    def prompt_ids(self, text: str, system: str | None = None) -> list[int]:
+        """The ids that append `text` as a prompt: a user turn in chat mode, plain text in raw
+        mode (BOS only at the very start)."""
+        if self.mode == "chat":
+            return self.tokenizer.chat_prompt(
+                text, system=system, first=self.fresh,
+                close_model_turn=self.ctx.pending[-1:] != (END_OF_TURN,))
+        return self.tokenizer.raw_prompt(text, bos=self.fresh)
+
+    def feed(self, ids) -> None:
+        """Queue tokens; they are run by the next step (or stay pending in a saved file)."""
+        self.ctx = replace(self.ctx, pending=self.ctx.pending + tuple(int(i) for i in ids))
+
+    def step(self) -> int:
+        """Feed the pending tokens, sample the next one; it becomes the only pending token."""
+        c = self.ctx
+        if not c.pending:
+            raise RgemmaError("nothing to continue from: give a prompt")
+        logits, state = self.model.forward(list(c.pending), c.state, last_only=True)
+        recent = (c.recent + c.pending)[-HISTORY_KEEP:]
+        self._rng.bit_generator.state = c.rng
+        token = sample(logits[-1], self.settings, recent, self._rng)
+        self.ctx = Context(state, recent, (token,), self._rng.bit_generator.state)  # one store
+        return token
+
+    def generate(self, prompt_ids=(), max_tokens: int = 256, *, stop_ids=None,
+                 stop_strings=()) -> Generation:
+        """Append `prompt_ids` and generate up to `max_tokens` tokens, streaming text pieces.
+
+        Stops at a token in `stop_ids` (default: `<eos>`, plus `<end_of_turn>` in chat mode)
+        or when a stop string appears; neither is printed, and the stopping token stays pending.
+        """
+        if max_tokens < 0:
+            raise RgemmaError(f"--max-tokens must be >= 0, got {max_tokens}")
+        if stop_ids is None:
+            stop_ids = {self.tokenizer.eos_id} | ({END_OF_TURN} if self.mode == "chat" else set())
+        self.feed(prompt_ids)
+        if max_tokens > 0 and not self.ctx.pending:
+            raise RgemmaError("nothing to continue from: give a prompt")
+        g = Generation()
+        g._iter = self._run(g, max_tokens, frozenset(stop_ids), [s for s in stop_strings if s])
+        return g
+
+    def _run(self, g: Generation, max_tokens: int, stop_ids, stops):
+        detok = self.tokenizer.detokenizer()
+        text = ""  # generated text, including what is held back
+        out = 0  # chars of `text` already yielded
+        g.prompt_tokens = len(self.ctx.pending)
+        t0 = time.perf_counter()
+        while len(g.tokens) < max_tokens:
+            token = self.step()
+            g.tokens.append(token)
+            now = time.perf_counter()
+            if len(g.tokens) == 1:
+                g.prompt_seconds, t0 = now - t0, now
+            else:
+                g.gen_seconds = now - t0
+            if token in stop_ids:
+                g.finish_reason = "stop"
+                break
+            text += detok.add(token)
+            hit = _find_stop(text, out, stops)
+            if hit is not None:
+                g.finish_reason = "stop"
+                text = text[:hit]
+                break
+            safe = len(text) - _held_back(text, stops)
+            if safe > out:
+                piece, out = text[out:safe], safe
+                g.text += piece
+                yield piece
+        else:
+            g.finish_reason = "length"
+            text += detok.flush()
+        if len(text) > out:
+            g.text += text[out:]
+            yield text[out:]
+
+
+def _find_stop(text: str, start: int, stops) -> int | None:
+    """The index of the earliest stop string in text[start:], or None."""
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops) -> int:
+    """How many trailing chars could begin a stop string (kept until it is decided)."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best

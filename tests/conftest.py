@@ -1,0 +1,58 @@
+"""Shared fixtures."""
+
+# -- a tiny -it model directory with the test tokenizer (CLI, generation and state-file tests) --
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TEST_TOKENIZER = Path(__file__).parent / "fixtures/tokenizer/tokenizer.model"
+
+
+def tiny_config(**changes):
+    """A Griffin small enough to run a token in well under a millisecond, with the test
+    tokenizer's vocabulary and a window short enough (8) that tests wrap it."""
+    from rgemma_cli.config import ModelConfig
+    kw = dict(vocab_size=640, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+              num_key_value_heads=1, head_dim=16, num_hidden_layers=3, lru_width=32,
+              attention_window_size=8, block_types=("recurrent", "recurrent", "attention"))
+    return ModelConfig(**{**kw, **changes})
+
+
+def write_tiny_model(directory: Path, seed: int = 0, **changes) -> Path:
+    """Random weights (numpy only) + config.json + tokenizer.model in `directory`."""
+    from rgemma_cli.checkpoint import expected_shapes
+    from rgemma_cli.safetensors import write_safetensors
+    cfg = tiny_config(**changes)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in expected_shapes(cfg).items():
+        # unit-variance weights: smaller ones make greedy decoding repeat one token forever
+        tensors[name] = rng.standard_normal(shape).astype(np.float32)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_safetensors(directory / "model.safetensors", tensors)
+    (directory / "config.json").write_text(json.dumps(cfg.to_dict()))
+    shutil.copy(TEST_TOKENIZER, directory / "tokenizer.model")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A chat ("-it") model directory: the CLI defaults to the chat template for it."""
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-it")
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory) -> Path:
+    """A base model directory (raw prompts by default), other weights than tiny-it."""
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir):
+    """(model, tokenizer) loaded from tiny_model_dir."""
+    from rgemma_cli import load
+    return load(str(tiny_model_dir))

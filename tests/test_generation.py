@@ -1,0 +1,158 @@
+"""The generation loop: stopping rules, streaming, resumability and Ctrl-C consistency."""
+
+import numpy as np
+import pytest
+
+from rgemma_cli.errors import RgemmaError
+from rgemma_cli.generation import Session
+from rgemma_cli.sampling import SamplerSettings
+from rgemma_cli.tokenizer import END_OF_TURN
+
+GREEDY = SamplerSettings(temperature=0)
+SAMPLED = SamplerSettings(temperature=1.0, top_k=0, top_p=0.9, min_p=0.0, seed=1234)
+
+
+class Rigged:
+    """Wraps a model: forces token `force[pos]` after `pos` tokens were fed; can raise
+    KeyboardInterrupt on the n-th forward call (as a Ctrl-C would)."""
+
+    def __init__(self, model, force=None, interrupt_at=None):
+        self.model, self.force, self.interrupt_at, self.calls = model, force or {}, interrupt_at, 0
+        self.config, self.fingerprint = model.config, model.fingerprint
+
+    def initial_state(self):
+        return self.model.initial_state()
+
+    def forward(self, ids, state, *, last_only=False):
+        self.calls += 1
+        if self.calls == self.interrupt_at:
+            raise KeyboardInterrupt
+        logits, new = self.model.forward(ids, state, last_only=last_only)
+        if new.pos in self.force:
+            logits = logits.copy()
+            logits[-1, self.force[new.pos]] = 100.0
+        return logits, new
+
+
+def run(session, prompt=(), n=16, **kw):
+    g = session.generate(prompt, n, **kw)
+    pieces = list(g)
+    assert "".join(pieces) == g.text
+    return g
+
+
+@pytest.mark.parametrize("settings", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_two_halves_equal_one_run(tiny, settings):
+    model, tok = tiny
+    prompt = tok.raw_prompt("It is a truth")
+    whole = run(Session(model, tok, settings), prompt, 32)
+    s = Session(model, tok, settings)
+    first = run(s, prompt, 16)
+    second = run(s, (), 16)
+    assert first.tokens + second.tokens == whole.tokens
+    assert len(set(whole.tokens)) > 3  # the tiny model does not just repeat one token
+    assert first.finish_reason == second.finish_reason == "length"
+
+
+def test_text_is_the_decoded_tokens(tiny):
+    model, tok = tiny
+    g = run(Session(model, tok, SAMPLED), tok.raw_prompt("Hello"), 40)
+    # random weights emit stray bytes; SentencePiece and Python count U+FFFD differently there
+    assert g.text.replace("\ufffd", "") == tok.decode(g.tokens).replace("\ufffd", "")
+
+
+def test_stops_on_eos_and_keeps_it_pending(tiny):
+    model, tok = tiny
+    prompt = tok.raw_prompt("Hi")
+    s = Session(Rigged(model, {len(prompt) + 3: tok.eos_id}), tok, GREEDY)
+    g = run(s, prompt, 20)
+    assert g.finish_reason == "stop" and len(g.tokens) == 4 and g.tokens[-1] == tok.eos_id
+    assert s.ctx.pending == (tok.eos_id,) and s.ctx.state.pos == len(prompt) + 3
+
+
+def test_end_of_turn_stops_chat_but_not_raw(tiny):
+    model, tok = tiny
+    chat = Session(model, tok, GREEDY, mode="chat")
+    prompt = chat.prompt_ids("hello")
+    rigged = Rigged(model, {len(prompt) + 2: END_OF_TURN})
+    chat.model = rigged
+    g = run(chat, prompt, 20)
+    assert g.finish_reason == "stop" and g.tokens[-1] == END_OF_TURN and "<end_of_turn>" not in g.text
+    raw = Session(rigged, tok, GREEDY, mode="raw")
+    g = run(raw, prompt, 6)
+    assert g.finish_reason == "length" and END_OF_TURN in g.tokens
+
+
+def test_next_chat_turn_feeds_pending_end_of_turn(tiny):
+    model, tok = tiny
+    s = Session(model, tok, GREEDY, mode="chat")
+    first = s.prompt_ids("hello")
+    s.model = Rigged(model, {len(first) + 2: END_OF_TURN})
+    run(s, first, 20)
+    second = s.prompt_ids("more")
+    assert second[0] != END_OF_TURN and second[:len(tok.newline)] == tok.newline
+    s.model = model
+    cut = Session(model, tok, GREEDY, mode="chat")
+    run(cut, cut.prompt_ids("hello"), 2)  # cut short: no <end_of_turn> yet
+    assert cut.prompt_ids("more")[0] == END_OF_TURN
+
+
+def test_stop_strings_are_not_printed(tiny):
+    model, tok = tiny
+    prompt = tok.raw_prompt("Hello")
+    full = run(Session(model, tok, SAMPLED), prompt, 40).text
+    stop = full[10:13]
+    g = run(Session(model, tok, SAMPLED), prompt, 40, stop_strings=[stop])
+    assert g.finish_reason == "stop"
+    assert g.text == full[:full.index(stop)]
+
+
+def test_max_tokens_zero_queues_the_prompt(tiny):
+    model, tok = tiny
+    prompt = tok.raw_prompt("Hello")
+    s = Session(model, tok, GREEDY)
+    g = run(s, prompt, 0)
+    assert g.tokens == [] and g.finish_reason == "length" and s.ctx.pending == tuple(prompt)
+    assert run(s, (), 8).tokens == run(Session(model, tok, GREEDY), prompt, 8).tokens
+
+
+def test_nothing_to_continue(tiny):
+    model, tok = tiny
+    with pytest.raises(RgemmaError, match="give a prompt"):
+        run(Session(model, tok, GREEDY), (), 5)
+    with pytest.raises(RgemmaError, match="max-tokens"):
+        Session(model, tok, GREEDY).generate(tok.raw_prompt("x"), -1)
+
+
+@pytest.mark.parametrize("settings", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_ctrl_c_leaves_a_consistent_context(tiny, settings):
+    model, tok = tiny
+    prompt = tok.raw_prompt("Once upon")
+    whole = run(Session(model, tok, settings), prompt, 20).tokens
+    rigged = Rigged(model, interrupt_at=8)
+    s = Session(rigged, tok, settings)
+    shown = []
+    with pytest.raises(KeyboardInterrupt):
+        for piece in s.generate(prompt, 20):
+            shown.append(piece)
+    # 7 steps completed: 7 tokens sampled, the last pending, the rest fed
+    assert s.ctx.pending == (whole[6],)
+    assert s.ctx.state.pos == len(prompt) + 6
+    assert list(s.ctx.recent[-6:]) == whole[:6]
+    rigged.interrupt_at = None
+    assert run(s, (), 13).tokens == whole[7:]  # continuing after Ctrl-C loses nothing
+
+
+def test_repeat_penalty_window_spans_the_prompt(tiny):
+    model, tok = tiny
+    prompt = tok.raw_prompt("the the the the")
+    s = Session(model, tok, GREEDY.replace(repeat_penalty=1e6, repeat_last_n=64))
+    g = run(s, prompt, 12)
+    assert not set(g.tokens) & set(prompt)
+
+
+def test_timings(tiny):
+    model, tok = tiny
+    g = run(Session(model, tok, GREEDY), tok.raw_prompt("Hello"), 5)
+    assert g.prompt_tokens == len(tok.raw_prompt("Hello"))
+    assert g.prompt_tps > 0 and g.gen_tps > 0
