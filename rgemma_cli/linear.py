@@ -1,37 +1,128 @@
-"""Linear layers over weights kept in their stored format (f32, f16, bf16 bits as uint16).
+"""Linear layers over weights kept in their stored format: f32, f16, bf16 (uint16 bits), and the
+int8 / 4-bit weights of `quantize.py`. Weights are never widened to a full f32 copy.
 
-Weights are never widened to a full f32 copy: decode (one row) and prefill (many rows) widen
-blocks of rows into a reused buffer.
+- One row (decode): a Numba kernel streams the weight once, widening in registers, parallel
+  over output rows (`matvec.py`). Reading the weights is the whole cost of a decoded token.
+- Many rows (prefill): blocks of weight rows are widened (or dequantized) by a serial Numba
+  function into a reused f32 buffer, then OpenBLAS sgemm multiplies the block on both cores.
+
+Numba's and OpenBLAS's thread pools must not run at the same time: the idle workers of one
+spin on the cores the other needs (perf-notes items 6 and 9; a small attention gemm before a
+matvec made it ~5x slower here). So decode switches OpenBLAS to one thread (the model's other
+small BLAS calls then run on the caller's thread) and prefill gives it all cores back.
 """
 
 from __future__ import annotations
 
+import ctypes
+import glob
+import os
+
 import numpy as np
 
-from .safetensors import bf16_to_f32
+from . import matvec as kernels
+from .quantize import Int4Weight, Int8Weight
 
-_BLOCK_ROWS = 1024
+_BLOCK_BYTES = 8 << 20  # f32 bytes of weight rows widened per sgemm call
+_buffer = np.empty(0, np.float32)  # the reused widening buffer
 
 
-def widen(w: np.ndarray) -> np.ndarray:
-    """A float32 view or copy of (part of) a weight matrix."""
-    if w.dtype == np.float32:
-        return w
-    if w.dtype == np.uint16:
-        return bf16_to_f32(w)
-    return w.astype(np.float32)
+# -- one thread pool at a time ---------------------------------------------------------------
+
+
+def _openblas():
+    """NumPy's bundled OpenBLAS `set_num_threads` (None if not found: then nothing is switched)."""
+    libs = os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*")
+    for path in glob.glob(libs) + glob.glob(os.path.join(os.path.dirname(np.__file__), ".dylibs",
+                                                          "*openblas*")):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for sym in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                    "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            if hasattr(lib, sym):
+                return getattr(lib, sym)
+    return None
+
+
+_set_blas_threads = _openblas()
+_blas_mode = None
+
+
+def blas_threads(n: int | None) -> None:
+    """Set OpenBLAS's thread count (None: all cores), only when it changes."""
+    global _blas_mode
+    if n != _blas_mode and _set_blas_threads is not None:
+        _set_blas_threads(ctypes.c_int(n or os.cpu_count() or 1))
+    _blas_mode = n
+
+
+# -- the layer -------------------------------------------------------------------------------
+
+
+def matvec(w, x: np.ndarray) -> np.ndarray:
+    """y = w @ x for one float32 vector x (in,), streaming w once. Returns (out,) float32."""
+    blas_threads(1)
+    y = np.empty(w.shape[0], np.float32)
+    if isinstance(w, Int8Weight):
+        kernels.matvec_i8(w.q, w.scale, x, y)
+    elif isinstance(w, Int4Weight):
+        xq = np.empty(x.size, np.int8)
+        xs = np.empty(x.size // w.group, np.float32)
+        xc = np.empty_like(xs)
+        kernels.quantize_groups_i8(x, w.group, xq, xs, xc)
+        kernels.matvec_q4(w.packed, w.scale, xq, xs, xc, y)
+    elif w.dtype == np.uint16:
+        kernels.matvec_bf16(w, x, y)
+    elif w.dtype == np.float16:
+        kernels.matvec_f16(w.view(np.uint16), x, y)
+    else:
+        kernels.matvec_f32(np.ascontiguousarray(w, np.float32), x, y)
+    return y
+
+
+def widen_rows(w, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows lo:hi of w as float32 (into `out` if given), serially: no thread pool is woken."""
+    if isinstance(w, (Int8Weight, Int4Weight)):
+        return w.dequantize(lo, hi, out)
+    block = w[lo:hi]
+    if block.dtype == np.float32 and out is None:
+        return block
+    out = np.empty(block.shape, np.float32) if out is None else out
+    if block.dtype == np.uint16:
+        kernels.widen_bf16(block, out)
+    elif block.dtype == np.float16:
+        kernels.widen_f16(block.view(np.uint16), out)
+    else:
+        out[...] = block
+    return out
+
+
+def _matmul(x: np.ndarray, w) -> np.ndarray:
+    """x (T, in) @ w.T by row blocks of w widened into the reused buffer, then sgemm."""
+    global _buffer
+    blas_threads(None)
+    if isinstance(w, np.ndarray) and w.dtype == np.float32:
+        return x @ w.T
+    out_rows, n = w.shape
+    rows = max(1, min(out_rows, _BLOCK_BYTES // (4 * n)))
+    if _buffer.size < rows * n:
+        _buffer = np.empty(rows * n, np.float32)
+    y = np.empty((x.shape[0], out_rows), np.float32)
+    for lo in range(0, out_rows, rows):
+        hi = min(lo + rows, out_rows)
+        block = widen_rows(w, lo, hi, _buffer[:(hi - lo) * n].reshape(hi - lo, n))
+        y[:, lo:hi] = x @ block.T  # (a strided `out=` would make NumPy skip BLAS)
+    return y
 
 
 def linear(x: np.ndarray, w, b: np.ndarray | None = None) -> np.ndarray:
     """y = x @ w.T + b for x (T, in) float32 and w (out, in) in any stored format."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if w.dtype == np.float32:
-        y = x @ w.T
-    else:
-        out = w.shape[0]
-        y = np.empty((x.shape[0], out), np.float32)
-        for r in range(0, out, _BLOCK_ROWS):
-            y[:, r:r + _BLOCK_ROWS] = x @ widen(w[r:r + _BLOCK_ROWS]).T
+    if x.ndim == 1:
+        x = x[None]
+    y = matvec(w, x[0])[None] if x.shape[0] == 1 else _matmul(x, w)
     if b is not None:
         y += b
     return y
@@ -39,4 +130,8 @@ def linear(x: np.ndarray, w, b: np.ndarray | None = None) -> np.ndarray:
 
 def embed(w, ids) -> np.ndarray:
     """Rows `ids` of the embedding matrix as float32, shape (T, D)."""
-    return np.ascontiguousarray(widen(w[np.asarray(ids, dtype=np.int64)]), dtype=np.float32)
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    out = np.empty((ids.size, w.shape[1]), np.float32)
+    for i, t in enumerate(ids):
+        widen_rows(w, int(t), int(t) + 1, out[i:i + 1])
+    return out

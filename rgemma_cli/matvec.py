@@ -1,0 +1,282 @@
+"""Numba kernels for the linear layers: weight-streaming matrix-vector products (decode) and
+serial row-block widening into a reused f32 buffer (prefill, followed by sgemm).
+
+Decoding reads every weight once per token, so these kernels are bound by memory bandwidth.
+What makes them fast (see perf-notes): the per-row reduction lives in a small @njit helper called
+on the row view (an inline reduction in a prange body is not vectorised), bf16 and f16 are widened
+to f32 in registers by tiny LLVM intrinsics, and accumulation is f32 with fastmath so LLVM keeps
+several vector accumulators.
+
+Weight formats (all `(out, in)`, rows contiguous):
+  f32            float32
+  bf16 / f16     uint16 bits
+  int8           int8 q, f32 scale (out,):             w = q * scale[r]
+  4-bit          uint8 (out, in/2), f32 scale (out, in/G): w = (nibble - 8) * scale[r, g]; in each
+                 group of G weights, byte j holds weight j (low nibble) and weight j + G/2 (high).
+The 4-bit kernel quantises x to int8 per group and computes integer dots (see `matvec_q4`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+# -- scalar conversions, inlined into the vectorised loops -----------------------------------
+
+
+@intrinsic
+def bf16_bits_to_f32(typingctx, u):
+    """bfloat16 bits (uint16) -> float32: zext, shift into the top half, bitcast."""
+    if u != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = builder.zext(args[0], ir.IntType(32))
+        v = builder.shl(v, ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def f16_bits_to_f32(typingctx, u):
+    """IEEE half bits (uint16) -> float32 (vcvtph2ps)."""
+    if u != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+# -- one row: small helpers so that LLVM vectorises the reduction ----------------------------
+
+_opts = dict(cache=True, fastmath=True, nogil=True)
+
+
+@njit(**_opts)
+def _dot_f32(w, x):
+    acc = np.float32(0.0)
+    for i in range(x.size):
+        acc += w[i] * x[i]
+    return acc
+
+
+@njit(**_opts)
+def _dot_bf16(w, x):
+    acc = np.float32(0.0)
+    for i in range(x.size):
+        acc += bf16_bits_to_f32(w[i]) * x[i]
+    return acc
+
+
+@njit(**_opts)
+def _dot_f16(w, x):
+    acc = np.float32(0.0)
+    for i in range(x.size):
+        acc += f16_bits_to_f32(w[i]) * x[i]
+    return acc
+
+
+@njit(**_opts)
+def _dot_i8(w, x):
+    acc = np.float32(0.0)
+    for i in range(x.size):
+        acc += np.float32(w[i]) * x[i]
+    return acc
+
+
+def _isa() -> str:
+    """Which integer-dot instructions the host has: "vnni", "avx2" or "" (portable loop)."""
+    try:
+        from llvmlite import binding
+        f = binding.get_host_cpu_features()
+        if f.get("avx512vnni") and f.get("avx512vl"):
+            return "vnni"
+        if f.get("avxvnni"):
+            return "vnni"
+        if f.get("avx2"):
+            return "avx2"
+    except Exception:  # non-x86 hosts or an llvmlite without feature queries
+        pass
+    return ""
+
+
+ISA = _isa()
+Q4_GROUP = 64  # weights per 4-bit group: 32 packed bytes, one 256-bit register
+
+
+def _q4_group_dot_ir(builder, mod, b, x0, x1):
+    """<8 x i32> partial sums of nibbles(b) . (x0, x1) for one group (x86 only)."""
+    i8x32, i16x16, i32x8 = (ir.VectorType(ir.IntType(n), c) for n, c in ((8, 32), (16, 16), (32, 8)))
+    lo = builder.and_(b, ir.Constant(i8x32, [15] * 32))
+    hi = builder.lshr(b, ir.Constant(i8x32, [4] * 32))
+    if ISA == "vnni":  # u8 x s8, four products summed into each i32 lane
+        fn = cgutils.get_or_insert_function(mod, ir.FunctionType(i32x8, [i32x8] * 3),
+                                            "llvm.x86.avx512.vpdpbusd.256")
+        d = builder.call(fn, [ir.Constant(i32x8, None), builder.bitcast(lo, i32x8),
+                              builder.bitcast(x0, i32x8)])
+        return builder.call(fn, [d, builder.bitcast(hi, i32x8), builder.bitcast(x1, i32x8)])
+    # AVX2: u8 x s8 -> i16 pair sums (|15 * 127 * 2| cannot saturate), then i16 pairs -> i32
+    mub = cgutils.get_or_insert_function(mod, ir.FunctionType(i16x16, [i8x32, i8x32]),
+                                         "llvm.x86.avx2.pmadd.ub.sw")
+    mwd = cgutils.get_or_insert_function(mod, ir.FunctionType(i32x8, [i16x16, i16x16]),
+                                         "llvm.x86.avx2.pmadd.wd")
+    s16 = builder.add(builder.call(mub, [lo, x0]), builder.call(mub, [hi, x1]))
+    return builder.call(mwd, [s16, ir.Constant(i16x16, [1] * 16)])
+
+
+@intrinsic
+def _q4_row_dot_x86(typingctx, row, xq, srow, xscale):
+    """sum_g srow[g] * xscale[g] * (nibbles of group g . xq of group g), x86 SIMD."""
+    def codegen(context, builder, signature, args):
+        mod = builder.module
+        ptrs = [context.make_array(t)(context, builder, a).data for t, a in zip(signature.args, args)]
+        rowp, xqp, sp, xsp = ptrs
+        nshape = context.make_array(signature.args[2])(context, builder, args[2]).shape
+        ngroups = builder.extract_value(nshape, 0)
+        i64 = ir.IntType(64)
+        i8x32 = ir.VectorType(ir.IntType(8), 32)
+        f32x8 = ir.VectorType(ir.FloatType(), 8)
+        acc = cgutils.alloca_once_value(builder, ir.Constant(f32x8, None))
+        with cgutils.for_range(builder, ngroups) as loop:
+            g = loop.index
+            def vec(p, off):
+                q = builder.gep(p, [builder.add(builder.mul(g, ir.Constant(i64, off[0])),
+                                                ir.Constant(i64, off[1]))])
+                return builder.load(builder.bitcast(q, i8x32.as_pointer()), align=1)
+            b = vec(rowp, (32, 0))
+            d = _q4_group_dot_ir(builder, mod, b, vec(xqp, (64, 0)), vec(xqp, (64, 32)))
+            s = builder.fmul(builder.load(builder.gep(sp, [g])), builder.load(builder.gep(xsp, [g])))
+            sv = builder.insert_element(ir.Constant(f32x8, None), s, ir.Constant(ir.IntType(32), 0))
+            sv = builder.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
+            df = builder.sitofp(d, f32x8)
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(df, sv)), acc)
+        v = builder.load(acc)
+        total = builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+        for k in range(1, 8):
+            total = builder.fadd(total, builder.extract_element(v, ir.Constant(ir.IntType(32), k)))
+        return total
+
+    return types.float32(row, xq, srow, xscale), codegen
+
+
+@njit(**_opts)
+def _q4_row_dot_portable(row, xq, srow, xscale):
+    half = Q4_GROUP // 2
+    acc = np.float32(0.0)
+    for g in range(srow.size):
+        d = np.int32(0)
+        for j in range(half):
+            b = row[g * half + j]
+            d = np.int32(d + np.int32(b & 15) * np.int32(xq[g * Q4_GROUP + j])
+                         + np.int32(b >> 4) * np.int32(xq[g * Q4_GROUP + half + j]))
+        acc += srow[g] * xscale[g] * np.float32(d)
+    return acc
+
+
+if ISA:
+    @njit(**_opts)
+    def _q4_row_dot(row, xq, srow, xscale):
+        return _q4_row_dot_x86(row, xq, srow, xscale)
+else:
+    _q4_row_dot = _q4_row_dot_portable
+
+
+# -- decode: y = W x, parallel over output rows ----------------------------------------------
+
+
+@njit(parallel=True, **_opts)
+def matvec_f32(w, x, y):
+    for r in prange(w.shape[0]):
+        y[r] = _dot_f32(w[r], x)
+
+
+@njit(parallel=True, **_opts)
+def matvec_bf16(w, x, y):
+    for r in prange(w.shape[0]):
+        y[r] = _dot_bf16(w[r], x)
+
+
+@njit(parallel=True, **_opts)
+def matvec_f16(w, x, y):
+    for r in prange(w.shape[0]):
+        y[r] = _dot_f16(w[r], x)
+
+
+@njit(parallel=True, **_opts)
+def matvec_i8(w, scale, x, y):
+    for r in prange(w.shape[0]):
+        y[r] = _dot_i8(w[r], x) * scale[r]
+
+
+@njit(**_opts)
+def quantize_groups_i8(x, group, xq, xscale, xcorr):
+    """x (in,) -> int8 xq with one f32 scale per group of `group` values, and the zero-point
+    correction xcorr[g] = 8 * xscale[g] * sum(xq of group g) for `matvec_q4`."""
+    for g in range(x.size // group):
+        m = np.float32(0.0)
+        for j in range(g * group, (g + 1) * group):
+            m = max(m, abs(x[j]))
+        s = m / np.float32(127.0) if m > 0 else np.float32(1.0)
+        inv = np.float32(1.0) / s
+        t = np.int32(0)
+        for j in range(g * group, (g + 1) * group):
+            q = np.int32(np.rint(x[j] * inv))
+            xq[j] = q
+            t += q
+        xscale[g] = s
+        xcorr[g] = np.float32(8.0) * s * np.float32(t)
+
+
+@njit(parallel=True, **_opts)
+def matvec_q4(packed, scale, xq, xscale, xcorr, y):
+    """y = W x for 4-bit W and x quantised per group (xq, xscale); xcorr[g] = 8 * xscale[g] *
+    sum(xq of group g) removes the nibble zero point: w = (nibble - 8) * scale."""
+    for r in prange(packed.shape[0]):
+        srow = scale[r]
+        y[r] = _q4_row_dot(packed[r], xq, srow, xscale) - _dot_f32(srow, xcorr)
+
+
+# -- prefill: widen a block of rows into a reused f32 buffer (serial: BLAS owns the cores) ----
+
+
+@njit(**_opts)
+def widen_bf16(w, out):
+    for r in range(w.shape[0]):
+        src, dst = w[r], out[r]
+        for i in range(src.size):
+            dst[i] = bf16_bits_to_f32(src[i])
+
+
+@njit(**_opts)
+def widen_f16(w, out):
+    for r in range(w.shape[0]):
+        src, dst = w[r], out[r]
+        for i in range(src.size):
+            dst[i] = f16_bits_to_f32(src[i])
+
+
+@njit(**_opts)
+def dequant_i8(w, scale, out):
+    for r in range(w.shape[0]):
+        src, dst, s = w[r], out[r], scale[r]
+        for i in range(src.size):
+            dst[i] = np.float32(src[i]) * s
+
+
+@njit(**_opts)
+def dequant_q4(packed, scale, group, out):
+    half = group // 2
+    for r in range(packed.shape[0]):
+        src, dst = packed[r], out[r]
+        for g in range(scale.shape[1]):
+            s = scale[r, g]
+            for j in range(half):
+                b = src[g * half + j]
+                dst[g * group + j] = np.float32(np.int32(b & 15) - 8) * s
+                dst[g * group + half + j] = np.float32(np.int32(b >> 4) - 8) * s

@@ -1,0 +1,250 @@
+"""Quantized weights: int8 per output channel and 4-bit with per-group scales.
+
+A quantized checkpoint keeps the Hugging Face layout and names. Each quantized linear weight
+`X.weight` is stored as
+  int8   `X.weight` I8 (out, in)           + `X.weight_scale` F32 (out,)       w = q * scale[r]
+  4-bit  `X.weight` U8 (out, in/2) packed  + `X.weight_scale` F32 (out, in/G)  w = (nib - 8) * scale[r, g]
+where in every group of G = 64 weights byte j holds weight j in its low nibble and weight j + 32
+in its high nibble (the layout `matvec.matvec_q4` reads with 256-bit integer dot products), and
+config.json gains `"quantization": {"method": "rgemma", "bits", "group_size", "embedding_bits"}`.
+
+What stays at full precision: the RG-LRU parameters (recurrence and gate blocks), conv1d, norms
+and biases (the recurrence is sensitive, and they are a fraction of a percent of the bytes). The
+tied embedding / output head is quantized per row: int8 for `--bits 8` and, by default, also int8
+for `--bits 4` (`embedding_bits=4` makes it 4-bit: ~0.33 GB less to read per 2B token, at a
+quality cost measured in docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RgemmaError
+from .safetensors import SafetensorsFile, bf16_to_f32, write_safetensors
+
+Q4_GROUP = 64  # must equal matvec.Q4_GROUP (kept literal here so quantizing needs no Numba)
+SCALE_SUFFIX = "_scale"
+QUANTIZED_LAYERS = ("mlp_block.gate_proj", "mlp_block.up_proj", "mlp_block.down_proj",
+                    "temporal_block.linear_x", "temporal_block.linear_y",
+                    "temporal_block.linear_out", "temporal_block.q_proj",
+                    "temporal_block.k_proj", "temporal_block.v_proj", "temporal_block.o_proj")
+EMBEDDING = "model.embed_tokens.weight"
+_ROWS = 8192  # rows quantized at a time (bounds the f32 working memory)
+
+
+class Int8Weight:
+    """int8 weight (out, in) with one f32 scale per output row."""
+
+    bits = 8
+
+    def __init__(self, q: np.ndarray, scale: np.ndarray):
+        if q.dtype != np.int8 or q.ndim != 2 or scale.shape != (q.shape[0],):
+            raise RgemmaError(f"bad int8 weight: {q.dtype} {q.shape} with scales {scale.shape}")
+        self.q, self.scale = q, np.asarray(scale, np.float32)
+        self.shape = q.shape
+        self.nbytes = q.nbytes + self.scale.nbytes
+
+    def dequantize(self, lo: int = 0, hi: int | None = None, out: np.ndarray | None = None):
+        """Rows lo:hi as float32."""
+        from . import matvec
+        q, s = self.q[lo:hi], self.scale[lo:hi]
+        out = np.empty(q.shape, np.float32) if out is None else out
+        matvec.dequant_i8(q, s, out)
+        return out
+
+
+class Int4Weight:
+    """4-bit weight (out, in): packed nibbles (out, in/2) uint8, f32 scales (out, in/G)."""
+
+    bits = 4
+
+    def __init__(self, packed: np.ndarray, scale: np.ndarray):
+        if (packed.dtype != np.uint8 or packed.ndim != 2 or scale.ndim != 2
+                or scale.shape[0] != packed.shape[0]
+                or packed.shape[1] * 2 != scale.shape[1] * Q4_GROUP):
+            raise RgemmaError(f"bad 4-bit weight: packed {packed.shape} with scales "
+                              f"{scale.shape} (group size must be {Q4_GROUP})")
+        self.packed, self.scale = packed, np.asarray(scale, np.float32)
+        self.group = Q4_GROUP
+        self.shape = (packed.shape[0], packed.shape[1] * 2)
+        self.nbytes = packed.nbytes + self.scale.nbytes
+
+    def dequantize(self, lo: int = 0, hi: int | None = None, out: np.ndarray | None = None):
+        from . import matvec
+        p, s = self.packed[lo:hi], self.scale[lo:hi]
+        out = np.empty((p.shape[0], self.shape[1]), np.float32) if out is None else out
+        matvec.dequant_q4(p, s, self.group, out)
+        return out
+
+
+# -- quantizing ------------------------------------------------------------------------------
+
+
+def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """f32 (out, in) -> (int8 q, f32 scale (out,)), symmetric round-to-nearest per row."""
+    w = np.asarray(w, np.float32)
+    amax = np.abs(w).max(axis=1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def quantize_int4(w: np.ndarray, group: int = Q4_GROUP) -> tuple[np.ndarray, np.ndarray]:
+    """f32 (out, in) -> (uint8 packed (out, in/2), f32 scale (out, in/group)).
+
+    Per group the scale maps the value of largest magnitude to -8 (as llama.cpp's Q4_0 does), so
+    all 16 levels -8..7 are used; the stored nibble is level + 8.
+    """
+    w = np.asarray(w, np.float32)
+    out, n = w.shape
+    if n % group:
+        raise RgemmaError(f"cannot quantize a ({out}, {n}) weight to 4 bits: {n} is not a "
+                          f"multiple of the group size {group}")
+    g = w.reshape(out, n // group, group)
+    idx = np.abs(g).argmax(axis=2)
+    peak = np.take_along_axis(g, idx[..., None], axis=2)[..., 0]
+    scale = (peak / -8.0).astype(np.float32)
+    safe = np.where(scale == 0, 1.0, scale)
+    nib = (np.clip(np.rint(g / safe[..., None]), -8, 7) + 8).astype(np.uint8)
+    half = group // 2
+    packed = nib[..., :half] | (nib[..., half:] << 4)
+    return packed.reshape(out, n // 2), scale
+
+
+def _to_f32(t: np.ndarray, dtype: str) -> np.ndarray:
+    return bf16_to_f32(t) if dtype == "BF16" else np.asarray(t, np.float32)
+
+
+def _quantize_tensor(f: SafetensorsFile, name: str, bits: int) -> dict:
+    """{name: data, name_scale: scales} quantizing `name` in blocks of rows."""
+    t, dt = f.tensor(name), f.dtype(name)
+    parts, scales = [], []
+    for lo in range(0, t.shape[0], _ROWS):
+        block = _to_f32(t[lo:lo + _ROWS], dt)
+        q, s = quantize_int8(block) if bits == 8 else quantize_int4(block)
+        parts.append(q)
+        scales.append(s)
+    return {name: np.concatenate(parts), name + SCALE_SUFFIX: np.concatenate(scales)}
+
+
+def _weight_files(src: Path) -> list[Path]:
+    index = src / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [src / n for n in sorted(set(weight_map.values()))]
+    if (src / "model.safetensors").exists():
+        return [src / "model.safetensors"]
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise RgemmaError(f"no safetensors weights in {src}")
+    return files
+
+
+def quantize_checkpoint(src_dir, out_dir, bits: int, *, embedding_bits: int | None = None,
+                        shard_bytes: int = 2 << 30, progress=None) -> Path:
+    """Write a quantized copy of the checkpoint in `src_dir` to `out_dir` and return out_dir.
+
+    bits: 8 (int8 per output channel) or 4 (groups of 64 with f32 scales). embedding_bits: the
+    tied embedding / output head (default 8). Tokenizer and other side files are copied.
+    `progress(done_tensors, total_tensors)` is called after each tensor if given.
+    """
+    if bits not in (4, 8):
+        raise RgemmaError(f"--bits must be 8 or 4, got {bits}")
+    embedding_bits = 8 if embedding_bits is None else embedding_bits
+    if embedding_bits not in (4, 8, 16):
+        raise RgemmaError(f"embedding bits must be 4, 8 or 16, got {embedding_bits}")
+    src, out = Path(src_dir), Path(out_dir)
+    try:
+        config = json.loads((src / "config.json").read_text())
+    except FileNotFoundError:
+        raise RgemmaError(f"missing config.json in {src}") from None
+    if "quantization" in config:
+        raise RgemmaError(f"{src} is already quantized ({config['quantization']})")
+    if out.resolve() == src.resolve():
+        raise RgemmaError("the output directory must differ from the model directory")
+    out.mkdir(parents=True, exist_ok=True)
+    files = [SafetensorsFile(p) for p in _weight_files(src)]
+    names = [(f, n) for f in files for n in f.keys() if n != "lm_head.weight"]
+
+    shards, pending, size = [], {}, 0
+    dtypes = {}
+
+    def flush():
+        nonlocal pending, size
+        if pending:
+            path = out / f"shard-{len(shards):05d}.tmp.safetensors"
+            write_safetensors(path, pending, metadata={"format": "pt"}, dtypes=dtypes)
+            shards.append((path, list(pending)))
+            pending, size = {}, 0
+
+    for done, (f, name) in enumerate(names, 1):
+        layer = name.rsplit(".", 1)[0]
+        if name == EMBEDDING and embedding_bits < 16:
+            new = _quantize_tensor(f, name, embedding_bits)
+        elif name.endswith(".weight") and layer.endswith(QUANTIZED_LAYERS):
+            new = _quantize_tensor(f, name, bits)
+        else:
+            new = {name: f.tensor(name)}
+            dtypes[name] = f.dtype(name)
+        for k, v in new.items():
+            pending[k] = v
+            size += v.nbytes
+        if size >= shard_bytes:
+            flush()
+        if progress:
+            progress(done, len(names))
+    flush()
+
+    final = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map, total = {}, 0
+    for (path, keys), name in zip(shards, final):
+        total += path.stat().st_size
+        path.replace(out / name)
+        weight_map.update({k: name for k in keys})
+    if len(shards) > 1:
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    for p in src.iterdir():  # tokenizer and friends
+        if p.is_file() and p.suffix != ".safetensors" and p.name not in (
+                "config.json", "model.safetensors.index.json"):
+            shutil.copy2(p, out / p.name)
+    config["quantization"] = {"method": "rgemma", "bits": bits, "group_size": Q4_GROUP,
+                              "embedding_bits": embedding_bits}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def wrap_tensors(tensors: dict, config: dict | None = None) -> dict:
+    """Turn the raw tensors of a quantized checkpoint into weight objects.
+
+    Every `X.weight` with a companion `X.weight_scale` becomes an Int8Weight (I8 data) or an
+    Int4Weight (U8 packed data); the `_scale` entries are dropped; everything else passes through
+    unchanged (memory-mapped arrays stay memory-mapped). `config` (the config.json dict) is
+    only checked for consistency.
+    """
+    quant = (config or {}).get("quantization")
+    if quant is not None and quant.get("method") != "rgemma":
+        raise RgemmaError(f"unsupported quantization {quant!r} (rgemma reads its own int8/4-bit "
+                          "checkpoints, written by `rgemma quantize`)")
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(SCALE_SUFFIX) and name[:-len(SCALE_SUFFIX)] in tensors:
+            continue
+        scale = tensors.get(name + SCALE_SUFFIX)
+        if scale is None:
+            out[name] = t
+        elif t.dtype == np.int8:
+            out[name] = Int8Weight(t, scale)
+        elif t.dtype == np.uint8:
+            out[name] = Int4Weight(t, scale)
+        else:
+            raise RgemmaError(f"tensor {name!r} has scales but dtype {t.dtype}")
+    return out

@@ -1,0 +1,108 @@
+"""linear() and the Numba kernels against plain NumPy, for every weight format."""
+
+import numpy as np
+import pytest
+
+from rgemma_cli import linear as L
+from rgemma_cli import matvec as mv
+from rgemma_cli import quantize as Q
+from rgemma_cli.safetensors import bf16_to_f32, f32_to_bf16
+
+rng = np.random.default_rng(0)
+
+
+def _x(t, n):
+    return rng.standard_normal((t, n)).astype(np.float32)
+
+
+def _w(out, n):
+    return (rng.standard_normal((out, n)) * 0.05).astype(np.float32)
+
+
+def _ref_int4(packed, scale):
+    """Dequantize 4-bit weights with NumPy alone (the documented layout)."""
+    out, half = packed.shape
+    g = scale.shape[1]
+    p = packed.reshape(out, g, Q.Q4_GROUP // 2).astype(np.int32)
+    nib = np.concatenate([p & 15, p >> 4], axis=2) - 8
+    return (nib * scale[..., None]).reshape(out, 2 * half).astype(np.float32)
+
+
+@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("shape", [(5, 100), (67, 256), (300, 1000)])
+def test_float_formats_match_numpy(t, shape):
+    w = _w(*shape)
+    x = _x(t, shape[1])
+    b = rng.standard_normal(shape[0]).astype(np.float32)
+    bits = f32_to_bf16(w)
+    for stored, dense in ((w, w), (bits, bf16_to_f32(bits)), (w.astype(np.float16), w.astype(np.float16).astype(np.float32))):
+        ref = x.astype(np.float64) @ dense.T.astype(np.float64) + b
+        y = L.linear(x, stored, b)
+        assert y.dtype == np.float32 and y.shape == (t, shape[0])
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("t", [1, 4])
+def test_int8_matches_numpy(t):
+    w = _w(130, 320)
+    q, s = Q.quantize_int8(w)
+    x = _x(t, 320)
+    ref = x.astype(np.float64) @ (q.astype(np.float64) * s[:, None]).T
+    np.testing.assert_allclose(L.linear(x, Q.Int8Weight(q, s)), ref, rtol=1e-4, atol=1e-4)
+    assert np.abs(q.astype(np.float32) * s[:, None] - w).max() <= s.max() / 2 + 1e-7
+
+
+def test_int4_prefill_matches_numpy():
+    w = _w(70, 256)
+    p, s = Q.quantize_int4(w)
+    dense = _ref_int4(p, s)
+    err = np.abs(dense - w).reshape(70, -1, Q.Q4_GROUP).max(axis=2)
+    assert (err <= np.abs(s) * (1 + 1e-5)).all()  # half a step, a whole one where +8 clips to 7
+    x = _x(5, 256)
+    np.testing.assert_allclose(L.linear(x, Q.Int4Weight(p, s)), x @ dense.T, rtol=1e-4, atol=1e-4)
+
+
+def test_int4_decode_matches_numpy_with_quantized_activations():
+    w = _w(90, 384)
+    p, s = Q.quantize_int4(w)
+    dense = _ref_int4(p, s)
+    x = _x(1, 384)
+    # the kernel quantizes x to int8 per group of 64: same arithmetic in NumPy
+    xg = x.reshape(-1, Q.Q4_GROUP)
+    xs = np.where(np.abs(xg).max(1) > 0, np.abs(xg).max(1) / 127, 1).astype(np.float32)
+    xq = np.rint(xg * (np.float32(1) / xs)[:, None]).reshape(1, -1)
+    ref = (xq * np.repeat(xs, Q.Q4_GROUP)).astype(np.float64) @ dense.T.astype(np.float64)
+    y = L.linear(x, Q.Int4Weight(p, s))
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y, x @ dense.T, rtol=0.03, atol=0.03 * np.abs(ref).max())
+
+
+def test_int4_portable_kernel_agrees_with_simd():
+    p = rng.integers(0, 256, (3, 96), dtype=np.uint8)
+    s = rng.standard_normal((3, 3)).astype(np.float32)
+    xq = rng.integers(-127, 128, 192).astype(np.int8)
+    xs = rng.random(3).astype(np.float32)
+    for r in range(3):
+        a = mv._q4_row_dot(p[r], xq, s[r], xs)
+        b = mv._q4_row_dot_portable(p[r], xq, s[r], xs)
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_embed_every_format():
+    w = _w(50, 128)
+    ids = [3, 0, 49, 3]
+    np.testing.assert_array_equal(L.embed(w, ids), w[ids])
+    bits = f32_to_bf16(w)
+    np.testing.assert_array_equal(L.embed(bits, ids), bf16_to_f32(bits)[ids])
+    q, s = Q.quantize_int8(w)
+    np.testing.assert_allclose(L.embed(Q.Int8Weight(q, s), ids), q[ids] * s[ids, None], rtol=1e-6)
+    p, s4 = Q.quantize_int4(w)
+    np.testing.assert_allclose(L.embed(Q.Int4Weight(p, s4), ids), _ref_int4(p, s4)[ids], rtol=1e-6)
+
+
+def test_prefill_blocks_cover_all_rows(monkeypatch):
+    monkeypatch.setattr(L, "_BLOCK_BYTES", 4 * 64 * 7)  # 7 rows per block: a ragged last block
+    w = _w(30, 64)
+    bits = f32_to_bf16(w)
+    x = _x(3, 64)
+    np.testing.assert_allclose(L.linear(x, bits), x @ bf16_to_f32(bits).T, rtol=1e-5, atol=1e-5)
