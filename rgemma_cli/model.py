@@ -35,7 +35,8 @@ def gelu_tanh(z):
 
 
 def sigmoid(z):
-    return 1.0 / (1.0 + np.exp(-z))
+    with np.errstate(over="ignore"):  # exp(-z) = inf for very negative z gives the right 0
+        return 1.0 / (1.0 + np.exp(-z))
 
 
 def softplus(z):
@@ -131,8 +132,8 @@ def local_attention(x, pos, w, s: AttentionState, cfg: ModelConfig):
     cached = np.flatnonzero((held >= 0) & (held >= pos[0] - W))
     cached = cached[np.argsort(held[cached])]
     key_pos = np.concatenate([held[cached], pos])
-    keys = np.concatenate([s.k[cached], k]).astype(np.float32)
-    values = np.concatenate([s.v[cached], v]).astype(np.float32)
+    keys = np.concatenate([s.k[cached], k]).transpose(1, 0, 2).copy()  # (KVH, S, hd)
+    values = np.concatenate([s.v[cached], v]).transpose(1, 0, 2).copy()
     lo = np.searchsorted(key_pos, pos - W, side="left").astype(np.int64)
     hi = np.searchsorted(key_pos, pos, side="right").astype(np.int64)
     out = local_attention_kernel(np.ascontiguousarray(q, dtype=np.float32), keys, values, lo, hi,
