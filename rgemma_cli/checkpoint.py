@@ -144,36 +144,39 @@ def load_weights(directory: str | Path):
     """Read config.json and the safetensors of a model directory.
 
     Returns (config, weights, fingerprint): weights maps HF names to arrays; 2-D matrices stay
-    memory-mapped in their stored dtype (bf16 as uint16 bits), small tensors become float32.
+    memory-mapped in their stored dtype (bf16 as uint16 bits, or the int8 / 4-bit objects of
+    `quantize` for a quantized checkpoint), small tensors become float32.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise RgemmaError(f"model directory not found: {directory}")
     cfg = ModelConfig.from_json(directory / "config.json")
     files = _open_files(directory)
+    tensors = {name: f.tensor(name) for name, f in files.items() if name not in IGNORED}
+    quantization = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("quantization")
+    if quantization is not None:
+        from .quantize import wrap_tensors
+        tensors = wrap_tensors(tensors, {"quantization": quantization})
+
     shapes = expected_shapes(cfg)
-    present = set(files) - IGNORED
-    missing = sorted(set(shapes) - present)
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise RgemmaError(f"checkpoint in {directory} is missing tensor {missing[0]}{more}; "
-                          f"it does not match its config.json")
-    extra = sorted(present - set(shapes))
-    if extra:
-        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise RgemmaError(f"checkpoint in {directory} has unexpected tensor {extra[0]}{more}; "
-                          f"it does not match its config.json")
+    for problem, names in (("is missing", sorted(set(shapes) - set(tensors))),
+                           ("has unexpected", sorted(set(tensors) - set(shapes)))):
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            raise RgemmaError(f"checkpoint in {directory} {problem} tensor {names[0]}{more}; "
+                              f"it does not match its config.json")
     weights = {}
     for name, shape in shapes.items():
-        f = files[name]
-        if f.shape(name) != shape:
-            raise RgemmaError(f"tensor {name} has shape {list(f.shape(name))}, expected {list(shape)} "
+        a = tensors[name]
+        if tuple(a.shape) != shape:
+            raise RgemmaError(f"tensor {name} has shape {list(a.shape)}, expected {list(shape)} "
                               f"from config.json")
-        dtype = f.dtype(name)
-        if dtype not in ("F32", "BF16", "F16"):
-            raise RgemmaError(f"tensor {name} has dtype {dtype}; rgemma reads F32, BF16 and F16")
-        a = f.tensor(name)
-        if not (name.endswith(".weight") and len(shape) == 2):  # small: keep as float32
-            a = bf16_to_f32(a) if dtype == "BF16" else np.array(a, dtype=np.float32)
+        if isinstance(a, np.ndarray):
+            dtype = files[name].dtype(name)
+            if dtype not in ("F32", "BF16", "F16"):
+                raise RgemmaError(f"tensor {name} has dtype {dtype}; rgemma reads F32, BF16, F16 "
+                                  f"and its own int8/4-bit checkpoints")
+            if not (name.endswith(".weight") and len(shape) == 2):  # small: keep as float32
+                a = bf16_to_f32(a) if dtype == "BF16" else np.array(a, dtype=np.float32)
         weights[name] = a
     return cfg, weights, fingerprint(cfg, files)
