@@ -122,6 +122,8 @@ def _to_f32(t: np.ndarray, dtype: str) -> np.ndarray:
 def _quantize_tensor(f: SafetensorsFile, name: str, bits: int) -> dict:
     """{name: data, name_scale: scales} quantizing `name` in blocks of rows."""
     t, dt = f.tensor(name), f.dtype(name)
+    if bits == 4 and t.shape[1] % Q4_GROUP:
+        bits = 8  # a width that is not a whole number of groups (small test models) stays int8
     parts, scales = [], []
     for lo in range(0, t.shape[0], _ROWS):
         block = _to_f32(t[lo:lo + _ROWS], dt)
@@ -148,8 +150,9 @@ def quantize_checkpoint(src_dir, out_dir, bits: int, *, embedding_bits: int | No
                         shard_bytes: int = 2 << 30, progress=None) -> Path:
     """Write a quantized copy of the checkpoint in `src_dir` to `out_dir` and return out_dir.
 
-    bits: 8 (int8 per output channel) or 4 (groups of 64 with f32 scales). embedding_bits: the
-    tied embedding / output head (default 8). Tokenizer and other side files are copied.
+    bits: 8 (int8 per output channel) or 4 (groups of 64 with f32 scales; a matrix whose input
+    width is not a multiple of 64 is written as int8). embedding_bits: the tied embedding /
+    output head: 8 (default), 4, or 16 (kept as stored). Tokenizer and other side files are copied.
     `progress(done_tensors, total_tensors)` is called after each tensor if given.
     """
     if bits not in (4, 8):
