@@ -93,6 +93,15 @@ class Session:
                 close_model_turn=self.ctx.pending[-1:] != (END_OF_TURN,))
         return self.tokenizer.raw_prompt(text, bos=self.fresh)
 
+    def user_turn(self, text: str, system: str | None = None) -> list[int]:
+        """Record a prompt in the transcript (with an empty reply to stream into) and return
+        the ids that append it."""
+        ids = self.prompt_ids(text, system)
+        if self.fresh and system and system.strip():
+            self.transcript.append({"role": "system", "content": system.strip()})
+        self.transcript += [{"role": "user", "content": text.strip()}, {"role": "model", "content": ""}]
+        return ids
+
     def feed(self, ids) -> None:
         """Queue tokens; they are run by the next step (or stay pending in a saved file)."""
         self.ctx = replace(self.ctx, pending=self.ctx.pending + tuple(int(i) for i in ids))
@@ -120,15 +129,20 @@ class Session:
             raise RgemmaError(f"--max-tokens must be >= 0, got {max_tokens}")
         if stop_ids is None:
             stop_ids = {self.tokenizer.eos_id} | ({END_OF_TURN} if self.mode == "chat" else set())
+        # A pure continuation may start inside a character whose first bytes the previous call
+        # held back: prime the decoder with the last tokens so it can complete it.
+        tail = () if len(prompt_ids) else (self.ctx.recent + self.ctx.pending)[-4:]
         self.feed(prompt_ids)
         if max_tokens > 0 and not self.ctx.pending:
             raise RgemmaError("nothing to continue from: give a prompt")
         g = Generation()
-        g._iter = self._run(g, max_tokens, frozenset(stop_ids), [s for s in stop_strings if s])
+        g._iter = self._run(g, max_tokens, frozenset(stop_ids), [s for s in stop_strings if s], tail)
         return g
 
-    def _run(self, g: Generation, max_tokens: int, stop_ids, stops):
+    def _run(self, g: Generation, max_tokens: int, stop_ids, stops, tail):
         detok = self.tokenizer.detokenizer()
+        for token in tail:
+            detok.add(token)
         text = ""  # generated text, including what is held back
         out = 0  # chars of `text` already yielded
         g.prompt_tokens = len(self.ctx.pending)
@@ -156,8 +170,8 @@ class Session:
                 g.text += piece
                 yield piece
         else:
+            # an incomplete character stays unprinted; a continuation completes it (see tail)
             g.finish_reason = "length"
-            text += detok.flush()
         if len(text) > out:
             g.text += text[out:]
             yield text[out:]

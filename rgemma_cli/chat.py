@@ -1,0 +1,247 @@
+"""The terminal chat: streamed replies, slash commands, multi-line input, Ctrl-C that only stops
+the reply, and one in-memory state snapshot per turn so /regen and /undo never re-read the
+conversation."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from .errors import RgemmaError
+from .generation import Context, Session
+from .sampling import SamplerSettings, new_rng_state
+
+HELP = """\
+/help                 this list
+/save [PATH]          save the conversation (default: the --save-state path)
+/load PATH            continue a saved conversation
+/reset                start over (same model and settings)
+/regen                answer the last message again
+/undo                 forget the last message and its answer
+/set [NAME VALUE]     change a setting (temperature, top-k, top-p, min-p, repeat-penalty,
+                      repeat-last-n, seed, max-tokens); without arguments, show them
+/stats                speed of the last reply, tokens seen, state size
+/exit, /bye, Ctrl-D   leave
+\"\"\"                   start (and end) a multi-line message
+Ctrl-C stops a reply and keeps the conversation; at the prompt it exits."""
+
+
+@dataclass
+class Turn:
+    """What /undo and /regen go back to: the context and transcript length before a message."""
+
+    ctx: Context
+    transcript_len: int
+    text: str
+
+
+class ChatUI:
+    """Reads messages, streams replies, keeps per-turn snapshots."""
+
+    def __init__(self, session: Session, *, model_name: str, max_tokens: int = 1024,
+                 system: str | None = None, save_path: Path | None = None,
+                 console: Console | None = None):
+        self.session, self.model_name, self.max_tokens = session, model_name, max_tokens
+        self.system, self.save_path = system, save_path
+        self.console = console or Console(highlight=False)
+        self.turns: list[Turn] = []
+        self.last = None  # the last Generation, for /stats
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Until /exit, Ctrl-D or Ctrl-C at the prompt."""
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        self.console.print(f"[bold]rgemma chat[/] · {escape(self.model_name)} · /help for "
+                           f"commands, Ctrl-D to exit")
+        self.replay()
+        while True:
+            try:
+                text = self.read_message()
+            except (EOFError, KeyboardInterrupt):
+                self.console.print()
+                return
+            if not text.strip():
+                continue
+            if text.startswith("/"):
+                try:
+                    if self.command(text) == "exit":
+                        return
+                except RgemmaError as e:
+                    self.console.print(f"[red]error:[/] {escape(str(e))}")
+                continue
+            self.turn(text)
+
+    def read_message(self) -> str:
+        """One message; `\"\"\"` opens and closes a multi-line one."""
+        line = self.console.input("[bold green]>>> [/]")
+        if not line.lstrip().startswith('"""'):
+            return line.strip()
+        body = line.lstrip()[3:]
+        if body.rstrip().endswith('"""') and len(body.rstrip()) >= 3:
+            return body.rstrip()[:-3].strip()
+        lines = [body] if body.strip() else []
+        while True:
+            line = self.console.input("[dim]... [/]")
+            if line.rstrip().endswith('"""'):
+                lines.append(line.rstrip()[:-3])
+                return "\n".join(lines).strip()
+            lines.append(line)
+
+    def turn(self, text: str) -> None:
+        """Send one message and stream the reply; Ctrl-C stops the reply, not the chat."""
+        s = self.session
+        self.turns.append(Turn(s.ctx, len(s.transcript), text))
+        ids = s.user_turn(text, self.system)
+        g = s.generate(ids, self.max_tokens)
+        out = sys.stdout
+        try:
+            for piece in g:
+                s.transcript[-1]["content"] += piece
+                out.write(piece)
+                out.flush()
+            out.write("\n")
+        except KeyboardInterrupt:
+            g.finish_reason = "interrupted"
+            if not g.tokens:  # still reading the message: forget it, as if never sent
+                self.restore(self.turns.pop())
+                out.write("\n")
+                self.console.print("[dim](cancelled)[/]")
+                return
+            out.write("\n")
+            self.console.print("[dim](interrupted)[/]")
+        finally:
+            out.flush()
+        self.last = g
+        if self.save_path:
+            self.save(self.save_path, quiet=True)
+
+    def restore(self, t: Turn) -> None:
+        """Go back to before turn `t`, keeping the random stream where it is (so /regen samples
+        a new answer rather than repeating the last one)."""
+        self.session.ctx = replace(t.ctx, rng=self.session.ctx.rng)
+        del self.session.transcript[t.transcript_len:]
+
+    def replay(self) -> None:
+        """Show a resumed transcript again."""
+        for m in self.session.transcript:
+            if m["role"] == "user":
+                self.console.print(f"[bold green]>>> [/]{escape(m['content'])}")
+            elif m["role"] == "system":
+                self.console.print(f"[dim]system: {escape(m['content'])}[/]")
+            else:
+                self.console.print(m["content"], markup=False)
+
+    # -- slash commands -------------------------------------------------------------------------
+
+    def command(self, line: str):
+        """Run a slash command; returns "exit" to leave."""
+        name, *args = line.split(maxsplit=2)
+        name = name.lower()
+        s = self.session
+        if name in ("/exit", "/bye", "/quit"):
+            return "exit"
+        if name == "/help":
+            self.console.print(HELP, markup=False)
+        elif name == "/save":
+            path = Path(" ".join(args)) if args else self.save_path
+            if path is None:
+                raise RgemmaError("usage: /save PATH (or start the chat with --save-state PATH)")
+            self.save(path)
+        elif name == "/load":
+            if not args:
+                raise RgemmaError("usage: /load PATH")
+            self.load(Path(" ".join(args)))
+        elif name == "/reset":
+            s.ctx = Context(s.model.initial_state(), (), (), s.ctx.rng)
+            s.transcript.clear()
+            self.turns.clear()
+            self.console.print("[dim](new conversation)[/]")
+        elif name in ("/regen", "/undo"):
+            if not self.turns:
+                raise RgemmaError(f"nothing to {name[1:]}: no message in this session yet")
+            t = self.turns.pop()
+            self.restore(t)
+            if name == "/regen":
+                self.console.print(f"[bold green]>>> [/]{escape(t.text)}")
+                self.turn(t.text)
+            else:
+                self.console.print(f"[dim](forgot: {escape(t.text[:60])})[/]")
+        elif name == "/set":
+            self.set(args)
+        elif name == "/stats":
+            self.stats()
+        else:
+            raise RgemmaError(f"unknown command {name}; /help lists them")
+
+    def set(self, args) -> None:
+        """/set NAME VALUE for a sampling setting or max-tokens; /set alone shows them."""
+        s = self.session
+        if not args:
+            shown = {**s.settings.to_dict(), "max_tokens": self.max_tokens}
+            self.console.print(", ".join(f"{k.replace('_', '-')}={v}" for k, v in shown.items()))
+            return
+        if len(args) != 2:
+            raise RgemmaError("usage: /set NAME VALUE")
+        name, value = args[0].lstrip("-").replace("-", "_").lower(), args[1]
+        fields = {f.name: f for f in dataclasses.fields(SamplerSettings)}
+        if name == "max_tokens":
+            n = _number(value, int, "max-tokens")
+            if n < 0:
+                raise RgemmaError(f"max-tokens must be >= 0, got {n}")
+            self.max_tokens = n
+        elif name in fields:
+            kind = float if "float" in str(fields[name].type) else int
+            s.settings = s.settings.replace(**{name: _number(value, kind, name)})
+            if name == "seed":  # a new seed restarts the random stream
+                s.ctx = replace(s.ctx, rng=new_rng_state(s.settings.seed))
+        else:
+            raise RgemmaError(f"unknown setting {args[0]}; /set lists them")
+        self.console.print(f"[dim]{name.replace('_', '-')} = {escape(value)}[/]")
+
+    def stats(self) -> None:
+        s = self.session
+        lines = [f"tokens seen: {s.ctx.tokens_seen}, state: {s.ctx.state.nbytes / 2**20:.2f} MiB "
+                 f"in memory, turns: {sum(m['role'] == 'user' for m in s.transcript)}"]
+        g = self.last
+        if g is not None:
+            lines.append(f"last reply: {len(g.tokens)} tokens, {g.gen_tps:.1f} tok/s; prompt "
+                         f"{g.prompt_tokens} tokens, {g.prompt_tps:.1f} tok/s; "
+                         f"stopped: {g.finish_reason}")
+        self.console.print("\n".join(lines), markup=False)
+
+    def save(self, path: Path, quiet: bool = False) -> None:
+        from . import statefile
+        try:
+            size = statefile.save(path, self.session, name=self.model_name)
+        except RgemmaError as e:
+            self.console.print(f"[red]error:[/] {escape(str(e))}")
+            return
+        if not quiet:
+            self.console.print(f"[dim](saved {escape(str(path))}, {size / 1e6:.2f} MB)[/]")
+
+    def load(self, path: Path) -> None:
+        from . import statefile
+        saved = statefile.load(path)
+        statefile.check_model(saved, self.session.model, self.session.tokenizer, path)
+        self.session = statefile.restore(saved, self.session.model, self.session.tokenizer)
+        self.session.mode = "chat"
+        self.turns.clear()
+        self.console.print(f"[dim](loaded {escape(str(path))})[/]")
+        self.replay()
+
+
+def _number(value: str, kind, name: str):
+    try:
+        return kind(value)
+    except ValueError:
+        raise RgemmaError(f"{name} must be {'a number' if kind is float else 'an integer'}, "
+                          f"got {value!r}") from None

@@ -1,0 +1,368 @@
+"""The `rgemma` command line: a thin layer over `load`, `Session` and state files.
+
+stdout carries only generated text (or one JSON object with --json); everything else — stats,
+progress, errors — goes to stderr. A user's mistake is one line `error: ...` and exit status 1
+(2 for a malformed command line); Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import resource
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import RgemmaError
+
+DEFAULT_MODEL = "google/recurrentgemma-2b-it"
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
+                  help="Run RecurrentGemma (Griffin) on a laptop CPU: chat, generate, resumable state.")
+
+# -- options shared by `generate` and `chat` ----------------------------------------------------
+
+Model = Annotated[str, typer.Option(
+    "-m", "--model", envvar="RGEMMA_MODEL", show_envvar=True,
+    help="Local model directory, Hugging Face repo id, or 'demo'.")]
+Temperature = Annotated[Optional[float], typer.Option(
+    "-t", "--temperature", help="0 = greedy (argmax). [default: 0.7]", show_default=False)]
+TopK = Annotated[Optional[int], typer.Option(
+    "--top-k", help="Keep the k most likely tokens; 0 = off. [default: 40]", show_default=False)]
+TopP = Annotated[Optional[float], typer.Option(
+    "--top-p", help="Keep the smallest set of tokens whose probability reaches p, in (0, 1]; "
+    "1 = off. [default: 0.95]", show_default=False)]
+MinP = Annotated[Optional[float], typer.Option(
+    "--min-p", help="Drop tokens less likely than min-p x the most likely one; 0 = off. "
+    "[default: 0.05]", show_default=False)]
+RepeatPenalty = Annotated[Optional[float], typer.Option(
+    "--repeat-penalty", help="Penalise recently seen tokens; 1 = off. [default: 1.0]",
+    show_default=False)]
+RepeatLastN = Annotated[Optional[int], typer.Option(
+    "--repeat-last-n", help="How many recent tokens the penalty looks at. [default: 64]",
+    show_default=False)]
+Seed = Annotated[Optional[int], typer.Option(
+    "-s", "--seed", help="Random seed (a random one is chosen and saved with the state).",
+    show_default=False)]
+System = Annotated[Optional[str], typer.Option(
+    "--system", help="System prompt (folded into the first user turn).", show_default=False)]
+SaveState = Annotated[Optional[Path], typer.Option(
+    "--save-state", metavar="PATH", help="Save the conversation state to PATH when done.",
+    show_default=False)]
+Resume = Annotated[Optional[Path], typer.Option(
+    "--resume", metavar="PATH", help="Continue from a saved state file.", show_default=False)]
+Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No stats or progress on stderr.")]
+
+
+def _sampler_overrides(**flags) -> dict:
+    """The sampling flags the user actually gave (None means: from the state file or default)."""
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def _user_errors(fn):
+    """Turn RgemmaError into one line on stderr and exit status 1; Ctrl-C into status 130."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RgemmaError as e:
+            _error(str(e))
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise typer.Exit(130)
+    return wrapper
+
+
+def _error(msg: str) -> None:
+    # plain print, not Rich: a long message must stay one line, never wrapped
+    print("error: " + " ".join(str(msg).split()), file=sys.stderr)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def _is_chat_model(name: str) -> bool:
+    """-it (instruction-tuned) models and the demo get the chat template by default."""
+    return name == "demo" or re.search(r"[-_]it(?=$|[-_/])", name.rstrip("/").lower()) is not None
+
+
+def load_model(name: str, quiet: bool = False):
+    """(model, tokenizer) for a model argument; a tokenizer is required to work with text."""
+    from . import load
+    from .checkpoint import resolve
+
+    if not quiet and sys.stderr.isatty():
+        from rich.console import Console
+        with Console(stderr=True).status(f"loading {name}"):
+            model, tok = load(name)
+    else:
+        model, tok = load(name)
+    if tok is None:
+        raise RgemmaError(f"no tokenizer.model in {resolve(name)}; rgemma needs it to read and "
+                          f"write text")
+    return model, tok
+
+
+def start_session(model_name: str, resume: Path | None, chat: bool | None, overrides: dict,
+                  quiet: bool = False):
+    """A Session: restored from `resume` (flags given override its settings) or a fresh one."""
+    from . import statefile
+    from .generation import Session
+    from .sampling import SamplerSettings
+
+    saved = statefile.load(resume) if resume else None  # fail on a bad file before loading weights
+    model, tok = load_model(model_name, quiet)
+    if saved is None:
+        mode = "chat" if (chat if chat is not None else _is_chat_model(model_name)) else "raw"
+        return Session(model, tok, SamplerSettings(**overrides), mode=mode)
+    statefile.check_model(saved, model, tok, resume)
+    session = statefile.restore(saved, model, tok)
+    session.settings = session.settings.replace(**overrides)
+    if chat is not None:
+        session.mode = "chat" if chat else "raw"
+    return session
+
+
+def save_state(path: Path | None, session, model_name: str, quiet: bool = False) -> None:
+    """Save if asked; report the size on stderr."""
+    if path is None:
+        return
+    from . import statefile
+    size = statefile.save(path, session, name=model_name)
+    if not quiet:
+        print(f"saved state to {path} ({size / 1e6:.2f} MB, {session.ctx.tokens_seen} tokens)",
+              file=sys.stderr)
+
+
+def _read_prompt(prompt: str | None, allow_empty: bool) -> str:
+    """The prompt argument, or stdin when it is omitted or '-'."""
+    if prompt is not None and prompt != "-":
+        return prompt
+    if sys.stdin is None or (sys.stdin.isatty() and allow_empty):
+        return ""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RgemmaError(f"stdin is not valid UTF-8 (byte {e.start}); pass UTF-8 text") from None
+    if not text.strip() and not allow_empty:
+        raise RgemmaError("empty prompt: pass PROMPT or pipe text on stdin")
+    return text if text.strip() else ""
+
+
+def _peak_rss() -> int:
+    """Peak resident memory of this process in bytes."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def _stats(g) -> str:
+    return (f"prompt: {g.prompt_tokens} tokens, {g.prompt_tps:.1f} tok/s | "
+            f"generated: {len(g.tokens)} tokens, {g.gen_tps:.1f} tok/s | "
+            f"peak RSS: {_peak_rss() / 2**20:.0f} MiB")
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+@app.command()
+@_user_errors
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(
+        help="The prompt; read from stdin when omitted or '-'.", show_default=False)] = None,
+    model: Model = DEFAULT_MODEL,
+    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Tokens to generate at most.")] = 512,
+    temperature: Temperature = None, top_k: TopK = None, top_p: TopP = None, min_p: MinP = None,
+    repeat_penalty: RepeatPenalty = None, repeat_last_n: RepeatLastN = None, seed: Seed = None,
+    stop: Annotated[Optional[list[str]], typer.Option(
+        "--stop", help="Stop when this text appears (not printed); repeatable.",
+        show_default=False)] = None,
+    chat: Annotated[Optional[bool], typer.Option(
+        "--chat/--raw", help="Wrap the prompt in the chat template, or not. [default: chat for "
+        "-it models and demo, raw otherwise; a resumed state keeps its mode]",
+        show_default=False)] = None,
+    system: System = None, save_state_path: SaveState = None, resume: Resume = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, token ids, "
+                                          "finish reason, timings) instead of the text.")] = False,
+    quiet: Quiet = False,
+):
+    """Generate text from a prompt (argument or stdin); only the text goes to stdout."""
+    if max_tokens < 0:
+        raise RgemmaError(f"--max-tokens must be >= 0, got {max_tokens}")
+    overrides = _sampler_overrides(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                   repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                                   seed=seed)
+    from .sampling import SamplerSettings
+    SamplerSettings(**overrides)  # bad values fail before the weights load
+    text = _read_prompt(prompt, allow_empty=resume is not None)
+    session = start_session(model, resume, chat, overrides, quiet)
+    if text:
+        ids = session.user_turn(text, system)
+    else:
+        ids = ()
+        if not session.transcript or session.transcript[-1]["role"] != "model":
+            session.transcript.append({"role": "model", "content": ""})
+    g = session.generate(ids, max_tokens, stop_strings=stop or ())
+    tty = sys.stdout.isatty()
+    try:
+        for piece in g:
+            session.transcript[-1]["content"] += piece
+            if not as_json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        g.finish_reason = "interrupted"
+    if as_json:
+        print(json.dumps({
+            "text": g.text, "tokens": g.tokens, "finish_reason": g.finish_reason,
+            "prompt_tokens": g.prompt_tokens, "generated_tokens": len(g.tokens),
+            "prompt_seconds": round(g.prompt_seconds, 6),
+            "generation_seconds": round(g.gen_seconds, 6),
+            "prompt_tokens_per_second": round(g.prompt_tps, 3),
+            "generation_tokens_per_second": round(g.gen_tps, 3),
+            "peak_rss_bytes": _peak_rss()}, ensure_ascii=False))
+    elif tty and g.text:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    if not quiet and not as_json:
+        print(_stats(g), file=sys.stderr)
+    save_state(save_state_path, session, model, quiet)
+    if g.finish_reason == "interrupted":
+        raise typer.Exit(130)
+
+
+@app.command()
+@_user_errors
+def chat(
+    model: Model = DEFAULT_MODEL,
+    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Tokens per reply at most.")] = 1024,
+    temperature: Temperature = None, top_k: TopK = None, top_p: TopP = None, min_p: MinP = None,
+    repeat_penalty: RepeatPenalty = None, repeat_last_n: RepeatLastN = None, seed: Seed = None,
+    system: System = None,
+    save_state_path: Annotated[Optional[Path], typer.Option(
+        "--save-state", metavar="PATH", help="Save the conversation to PATH after every turn.",
+        show_default=False)] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        "--resume", metavar="PATH", help="Continue a saved chat (its transcript is shown again).",
+        show_default=False)] = None,
+):
+    """Chat in the terminal. Type /help for commands; Ctrl-C stops a reply, Ctrl-D exits."""
+    if max_tokens < 0:
+        raise RgemmaError(f"--max-tokens must be >= 0, got {max_tokens}")
+    overrides = _sampler_overrides(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                   repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                                   seed=seed)
+    from .sampling import SamplerSettings
+    SamplerSettings(**overrides)
+    from .chat import ChatUI
+    session = start_session(model, resume, True, overrides)
+    ChatUI(session, model_name=model, max_tokens=max_tokens, system=system,
+           save_path=save_state_path).run()
+
+
+@app.command()
+@_user_errors
+def download(model: Annotated[str, typer.Argument(help="Hugging Face repo id, e.g. "
+                                                  "google/recurrentgemma-2b-it.")]):
+    """Download a model's files (only those rgemma needs) into the Hugging Face cache."""
+    import warnings
+
+    from .checkpoint import resolve
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tqdm.rich is marked experimental
+        from tqdm.rich import tqdm_rich
+        path = resolve(model, tqdm_class=tqdm_rich)
+    print(path)
+
+
+@app.command()
+@_user_errors
+def info(model: Annotated[str, typer.Argument(help="Local directory, repo id, or 'demo'.")]):
+    """Describe a model: config, parameters, weight bytes, state size."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import load
+    from .checkpoint import resolve
+    from .state import State
+
+    path = resolve(model)
+    m, tok = load(model)
+    cfg = m.config
+    params = sum(int(getattr(w, "size", 0)) for w in m.weights.values())
+    nbytes = sum(int(getattr(w, "nbytes", 0)) for w in m.weights.values())
+    state = State.zeros(cfg).nbytes
+    t = Table(show_header=False, box=None)
+    for k, v in [("model", model), ("path", str(path)), ("parameters", f"{params:,}"),
+                 ("weight bytes", f"{nbytes:,} ({nbytes / 2**30:.2f} GiB)"),
+                 ("state size", f"{state:,} bytes ({state / 2**20:.2f} MiB) at >= "
+                                f"{cfg.attention_window_size} tokens"),
+                 ("tokenizer", f"{tok.vocab_size:,} pieces" if tok else "none (no tokenizer.model)"),
+                 ("chat template", "yes" if _is_chat_model(model) else "no (raw by default)")]:
+        t.add_row(k, v)
+    for k, v in cfg.to_dict().items():
+        t.add_row(k, str(v))
+    Console().print(t)
+
+
+@app.command("state")
+@_user_errors
+def state_cmd(file: Annotated[Path, typer.Argument(help="A state file.")]):
+    """Show what a state file holds: model, tokens seen, size, transcript summary."""
+    from . import statefile
+    s = statefile.load(file)
+    cfg = s.config
+    lines = [
+        f"file: {file} ({s.size:,} bytes, format v{s.version}, saved {s.created})",
+        f"model: {s.model.get('name') or '?'} (digest {s.model.get('digest', '')[:16]}, "
+        f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size})",
+        f"tokens seen: {s.ctx.tokens_seen} ({s.ctx.state.pos} fed, {len(s.ctx.pending)} pending)",
+        f"mode: {s.mode}",
+        "sampler: " + ", ".join(f"{k}={v}" for k, v in s.settings.to_dict().items()),
+        f"transcript: {sum(m['role'] == 'user' for m in s.transcript)} user turns, "
+        f"{len(s.transcript)} messages",
+    ]
+    for m in s.transcript[-6:]:
+        text = " ".join(str(m.get("content", "")).split())
+        lines.append(f"  {m.get('role', '?')}: {text[:70] + ('…' if len(text) > 70 else '')}")
+    print("\n".join(lines))
+
+
+# -- entry point --------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    """The `rgemma` console script. Command-line errors are one line too."""
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="rgemma", standalone_mode=False)
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except typer.exceptions.TyperException as e:  # the parser's usage errors
+        if type(e).__name__ == "NoArgsIsHelpError":
+            print(e.ctx.get_help())
+            return 0
+        _error(e.format_message() if hasattr(e, "format_message") else str(e))
+        return getattr(e, "exit_code", 2)
+    except RgemmaError as e:
+        _error(str(e))
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `rgemma generate ... | head`: the reader left; exit quietly like other Unix tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The CLI through typer's CliRunner: output discipline, resume equivalence, and bad input
+(issue 3 item 7): one `error:` line on stderr, non-zero exit, nothing lost."""
+
+import errno
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from rgemma_cli import cli, statefile
+
+runner = CliRunner()
+
+
+def rg(*args, input=None, ok=True):
+    r = runner.invoke(cli.app, [str(a) for a in args], input=input)
+    if ok:
+        assert r.exit_code == 0, (r.stdout, r.stderr, r.exception)
+    return r
+
+
+def error_of(*args, input=None, code=1):
+    r = rg(*args, input=input, ok=False)
+    assert r.exit_code == code, (r.stdout, r.stderr, r.exception)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    return lines[0]
+
+
+def gen_json(model, *args, input=None):
+    return json.loads(rg("generate", "-m", model, "--json", "-q", *args, input=input).stdout)
+
+
+def test_stdout_is_only_the_text_stats_on_stderr(tiny_base_dir):
+    r = rg("generate", "-m", tiny_base_dir, "-n", 8, "-t", 0, "Hello")
+    j = gen_json(tiny_base_dir, "-n", 8, "-t", 0, "Hello")
+    assert r.stdout == j["text"]  # no prompt echo, no newline or colour when not a TTY
+    assert "tok/s" in r.stderr and "peak RSS" in r.stderr
+    assert rg("generate", "-m", tiny_base_dir, "-n", 8, "-q", "Hello").stderr == ""
+
+
+def test_prompt_from_stdin(tiny_base_dir):
+    want = rg("generate", "-m", tiny_base_dir, "-n", 6, "-t", 0, "-q", "Hello").stdout
+    assert rg("generate", "-m", tiny_base_dir, "-n", 6, "-t", 0, "-q", input="Hello").stdout == want
+    assert rg("generate", "-m", tiny_base_dir, "-n", 6, "-t", 0, "-q", "-", input="Hello").stdout == want
+
+
+def test_json_object(tiny_base_dir):
+    j = gen_json(tiny_base_dir, "-n", 5, "-s", 1, "Hello")
+    assert len(j["tokens"]) == j["generated_tokens"] == 5 and j["finish_reason"] == "length"
+    assert {"text", "prompt_tokens", "prompt_tokens_per_second", "generation_tokens_per_second",
+            "peak_rss_bytes"} <= set(j)
+
+
+@pytest.mark.parametrize("sampling", [["-t", "0"], ["-t", "0.9", "--top-k", "50", "--top-p", "0.9",
+                                                   "--repeat-penalty", "1.2", "-s", "42"]],
+                         ids=["greedy", "seeded"])
+def test_resume_equals_one_run(tiny_base_dir, tmp_path, sampling):
+    whole = gen_json(tiny_base_dir, "-n", 32, *sampling, "It is a truth")
+    s = tmp_path / "s.rgs"
+    first = gen_json(tiny_base_dir, "-n", 16, *sampling, "--save-state", s, "It is a truth")
+    second = gen_json(tiny_base_dir, "-n", 16, "--resume", s)  # settings and RNG from the file
+    assert first["tokens"] + second["tokens"] == whole["tokens"]
+    assert first["text"] + second["text"] == whole["text"]
+
+
+def test_resume_with_prompt_appends_a_turn(tiny_model_dir, tmp_path):
+    s = tmp_path / "chat.rgs"
+    rg("generate", "-m", tiny_model_dir, "-n", 4, "-q", "--system", "Be brief.", "--save-state", s, "Hi")
+    rg("generate", "-m", tiny_model_dir, "-n", 4, "-q", "--resume", s, "--save-state", s, "More")
+    saved = statefile.load(s)
+    assert saved.mode == "chat"  # -it model: chat template by default
+    assert [m["role"] for m in saved.transcript] == ["system", "user", "model", "user", "model"]
+    info = rg("state", s).stdout
+    assert "tokens seen" in info and "2 user turns" in info and "More" in info
+
+
+def test_raw_by_default_for_base_models(tiny_base_dir, tmp_path):
+    rg("generate", "-m", tiny_base_dir, "-n", 2, "-q", "--save-state", tmp_path / "s", "Hi")
+    assert statefile.load(tmp_path / "s").mode == "raw"
+    rg("generate", "-m", tiny_base_dir, "--chat", "-n", 2, "-q", "--save-state", tmp_path / "s", "Hi")
+    assert statefile.load(tmp_path / "s").mode == "chat"
+
+
+def test_stop_string(tiny_base_dir):
+    text = gen_json(tiny_base_dir, "-n", 30, "-s", 5, "Hello")["text"]
+    stop = text[8:11]
+    j = gen_json(tiny_base_dir, "-n", 30, "-s", 5, "--stop", "zzz", "--stop", stop, "Hello")
+    assert j["finish_reason"] == "stop" and j["text"] == text[:text.index(stop)]
+
+
+def test_info_state_download(tiny_model_dir):
+    out = rg("info", tiny_model_dir).stdout
+    assert "parameters" in out and "state size" in out and "chat template" in out
+    assert rg("download", tiny_model_dir).stdout.strip() == str(tiny_model_dir)
+
+
+# -- item 7: bad input ----------------------------------------------------------------------------
+
+def test_empty_and_invalid_stdin(tiny_base_dir):
+    assert "empty prompt" in error_of("generate", "-m", tiny_base_dir, input="  \n")
+    assert "not valid UTF-8" in error_of("generate", "-m", tiny_base_dir, input=b"caf\xe9\xff")
+
+
+def test_unknown_model(tmp_path):
+    assert "not found" in error_of("generate", "-m", tmp_path / "no-such-model", "hi")
+    assert "not found" in error_of("info", "not a model id!")
+
+
+@pytest.mark.parametrize("flags,what", [(["-t", "-0.5"], "--temperature"), (["--top-p", "0"], "--top-p"),
+                                        (["--top-p", "1.5"], "--top-p"), (["-n", "-1"], "--max-tokens"),
+                                        (["--min-p", "2"], "--min-p"), (["--top-k", "-3"], "--top-k")])
+def test_bad_flag_values(tiny_base_dir, flags, what):
+    assert what in error_of("generate", "-m", tiny_base_dir, *flags, "hi")
+
+
+def test_malformed_command_line_is_one_line_too(capsys):
+    assert cli.main(["generate", "-n", "abc", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "--max-tokens" in err[0]
+    assert cli.main(["generate", "--no-such-flag"]) == 2
+
+
+def test_resume_missing_corrupt_foreign(tiny_model_dir, tiny_base_dir, tmp_path):
+    assert "not found" in error_of("generate", "-m", tiny_base_dir, "--resume", tmp_path / "nope")
+    bad = tmp_path / "bad.rgs"
+    bad.write_bytes(b"RGEMMAST" + b"\x01\x00\x00\x00" + os.urandom(100))
+    msg = error_of("generate", "-m", tiny_base_dir, "--resume", bad)
+    assert "corrupt" in msg or "truncated" in msg
+    s = tmp_path / "s.rgs"
+    rg("generate", "-m", tiny_model_dir, "-n", 2, "-q", "--save-state", s, "Hi")
+    raw = s.read_bytes()
+    s.write_bytes(raw[:len(raw) // 2])
+    assert "truncated" in error_of("generate", "-m", tiny_model_dir, "--resume", s)
+    s.write_bytes(raw)
+    assert "different model" in error_of("generate", "-m", tiny_base_dir, "--resume", s)
+    assert "state file" in error_of("state", tmp_path / "nope")
+
+
+def test_corrupt_state(tiny_base_dir, tmp_path):
+    s = tmp_path / "s.rgs"
+    rg("generate", "-m", tiny_base_dir, "-n", 2, "-q", "--save-state", s, "Hi")
+    b = bytearray(s.read_bytes())
+    b[-3] ^= 0xFF
+    s.write_bytes(bytes(b))
+    assert "corrupt" in error_of("generate", "-m", tiny_base_dir, "--resume", s)
+
+
+@pytest.mark.parametrize("failure", ["read-only", "disk-full", "ctrl-c"])
+def test_failed_save_keeps_previous_state(tiny_base_dir, tmp_path, monkeypatch, failure):
+    s = tmp_path / "s.rgs"
+    rg("generate", "-m", tiny_base_dir, "-n", 2, "-q", "--save-state", s, "Hi")
+    before = s.read_bytes()
+    real_open = os.open
+
+    def fail_open(p, flags, *a):
+        if flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(p, flags, *a)
+
+    def fail_fsync(fd):
+        if failure == "disk-full":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise KeyboardInterrupt
+    if failure == "read-only":
+        monkeypatch.setattr(os, "open", fail_open)
+    else:
+        monkeypatch.setattr(os, "fsync", fail_fsync)
+    msg = error_of("generate", "-m", tiny_base_dir, "-n", 3, "-q", "--resume", s, "--save-state", s)
+    monkeypatch.undo()
+    assert "unchanged" in msg
+    assert s.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.rgs"]
