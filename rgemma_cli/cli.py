@@ -19,8 +19,10 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import RgemmaError
+from .sampling import SamplerSettings
 
 DEFAULT_MODEL = "google/recurrentgemma-2b-it"
+_D = SamplerSettings()  # the defaults shown in --help
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,
@@ -29,29 +31,33 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # -- options shared by `generate` and `chat` ----------------------------------------------------
 
 Model = Annotated[str, typer.Option(
-    "-m", "--model", envvar="RGEMMA_MODEL", show_envvar=True,
+    "-m", "--model", envvar="RGEMMA_MODEL", show_envvar=True, metavar="MODEL",
     help="Local model directory, Hugging Face repo id, or 'demo'.")]
 Temperature = Annotated[Optional[float], typer.Option(
-    "-t", "--temperature", help="0 = greedy (argmax). [default: 0.7]", show_default=False)]
+    "-t", "--temperature", metavar="T", help=f"0 = greedy (argmax). [default: {_D.temperature}]",
+    show_default=False)]
 TopK = Annotated[Optional[int], typer.Option(
-    "--top-k", help="Keep the k most likely tokens; 0 = off. [default: 40]", show_default=False)]
+    "--top-k", metavar="K", help=f"Keep the k most likely tokens; 0 = off. [default: {_D.top_k}]",
+    show_default=False)]
 TopP = Annotated[Optional[float], typer.Option(
-    "--top-p", help="Keep the smallest set of tokens whose probability reaches p, in (0, 1]; "
-    "1 = off. [default: 0.95]", show_default=False)]
+    "--top-p", metavar="P", help="Keep the smallest set of tokens whose probability reaches p, in "
+    f"(0, 1]; 1 = off. [default: {_D.top_p}]", show_default=False)]
 MinP = Annotated[Optional[float], typer.Option(
-    "--min-p", help="Drop tokens less likely than min-p x the most likely one; 0 = off. "
-    "[default: 0.05]", show_default=False)]
+    "--min-p", metavar="P", help="Drop tokens less likely than min-p x the most likely one; "
+    f"0 = off. [default: {_D.min_p}]", show_default=False)]
 RepeatPenalty = Annotated[Optional[float], typer.Option(
-    "--repeat-penalty", help="Penalise recently seen tokens; 1 = off. [default: 1.0]",
+    "--repeat-penalty", metavar="X",
+    help=f"Penalise recently seen tokens; 1 = off. [default: {_D.repeat_penalty}]",
     show_default=False)]
 RepeatLastN = Annotated[Optional[int], typer.Option(
-    "--repeat-last-n", help="How many recent tokens the penalty looks at. [default: 64]",
+    "--repeat-last-n", metavar="N",
+    help=f"How many recent tokens the penalty looks at. [default: {_D.repeat_last_n}]",
     show_default=False)]
 Seed = Annotated[Optional[int], typer.Option(
-    "-s", "--seed", help="Random seed (a random one is chosen and saved with the state).",
+    "-s", "--seed", metavar="SEED", help="Random seed (a random one is chosen and saved with the state).",
     show_default=False)]
 System = Annotated[Optional[str], typer.Option(
-    "--system", help="System prompt (folded into the first user turn).", show_default=False)]
+    "--system", metavar="TEXT", help="System prompt (folded into the first user turn).", show_default=False)]
 SaveState = Annotated[Optional[Path], typer.Option(
     "--save-state", metavar="PATH", help="Save the conversation state to PATH when done.",
     show_default=False)]
@@ -114,7 +120,6 @@ def start_session(model_name: str, resume: Path | None, chat: bool | None, overr
     """A Session: restored from `resume` (flags given override its settings) or a fresh one."""
     from . import statefile
     from .generation import Session
-    from .sampling import SamplerSettings
 
     saved = statefile.load(resume) if resume else None  # fail on a bad file before loading weights
     model, tok = load_model(model_name, quiet)
@@ -174,13 +179,15 @@ def _stats(g) -> str:
 @_user_errors
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(
-        help="The prompt; read from stdin when omitted or '-'.", show_default=False)] = None,
+        metavar="PROMPT", help="The prompt; read from stdin when omitted or '-'.",
+        show_default=False)] = None,
     model: Model = DEFAULT_MODEL,
-    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Tokens to generate at most.")] = 512,
+    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", metavar="N",
+                                            help="Tokens to generate at most.")] = 512,
     temperature: Temperature = None, top_k: TopK = None, top_p: TopP = None, min_p: MinP = None,
     repeat_penalty: RepeatPenalty = None, repeat_last_n: RepeatLastN = None, seed: Seed = None,
     stop: Annotated[Optional[list[str]], typer.Option(
-        "--stop", help="Stop when this text appears (not printed); repeatable.",
+        "--stop", metavar="TEXT", help="Stop when this text appears (not printed); repeatable.",
         show_default=False)] = None,
     chat: Annotated[Optional[bool], typer.Option(
         "--chat/--raw", help="Wrap the prompt in the chat template, or not. [default: chat for "
@@ -197,7 +204,6 @@ def generate(
     overrides = _sampler_overrides(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                    repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
                                    seed=seed)
-    from .sampling import SamplerSettings
     SamplerSettings(**overrides)  # bad values fail before the weights load
     text = _read_prompt(prompt, allow_empty=resume is not None)
     session = start_session(model, resume, chat, overrides, quiet)
@@ -240,7 +246,8 @@ def generate(
 @_user_errors
 def chat(
     model: Model = DEFAULT_MODEL,
-    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Tokens per reply at most.")] = 1024,
+    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", metavar="N",
+                                            help="Tokens per reply at most.")] = 1024,
     temperature: Temperature = None, top_k: TopK = None, top_p: TopP = None, min_p: MinP = None,
     repeat_penalty: RepeatPenalty = None, repeat_last_n: RepeatLastN = None, seed: Seed = None,
     system: System = None,
@@ -257,7 +264,6 @@ def chat(
     overrides = _sampler_overrides(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                    repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
                                    seed=seed)
-    from .sampling import SamplerSettings
     SamplerSettings(**overrides)
     from .chat import ChatUI
     session = start_session(model, resume, True, overrides)
@@ -267,7 +273,7 @@ def chat(
 
 @app.command()
 @_user_errors
-def download(model: Annotated[str, typer.Argument(help="Hugging Face repo id, e.g. "
+def download(model: Annotated[str, typer.Argument(metavar="MODEL", help="Hugging Face repo id, e.g. "
                                                   "google/recurrentgemma-2b-it.")]):
     """Download a model's files (only those rgemma needs) into the Hugging Face cache."""
     import warnings
@@ -282,7 +288,8 @@ def download(model: Annotated[str, typer.Argument(help="Hugging Face repo id, e.
 
 @app.command()
 @_user_errors
-def info(model: Annotated[str, typer.Argument(help="Local directory, repo id, or 'demo'.")]):
+def info(model: Annotated[str, typer.Argument(metavar="MODEL",
+                                              help="Local directory, repo id, or 'demo'.")]):
     """Describe a model: config, parameters, weight bytes, state size."""
     from rich.console import Console
     from rich.table import Table
@@ -312,7 +319,7 @@ def info(model: Annotated[str, typer.Argument(help="Local directory, repo id, or
 
 @app.command("state")
 @_user_errors
-def state_cmd(file: Annotated[Path, typer.Argument(help="A state file.")]):
+def state_cmd(file: Annotated[Path, typer.Argument(metavar="FILE", help="A state file.")]):
     """Show what a state file holds: model, tokens seen, size, transcript summary."""
     from . import statefile
     s = statefile.load(file)

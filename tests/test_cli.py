@@ -172,3 +172,14 @@ def test_failed_save_keeps_previous_state(tiny_base_dir, tmp_path, monkeypatch, 
     monkeypatch.undo()
     assert "unchanged" in msg
     assert s.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.rgs"]
+
+
+def test_usage_doc_is_current():
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("gen_usage", root / "scripts/gen_usage.py")
+    gen_usage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen_usage)
+    assert (root / "docs/usage.md").read_text(encoding="utf-8") == gen_usage.render(), \
+        "docs/usage.md is stale: run `make docs` (python scripts/gen_usage.py)"
