@@ -17,9 +17,11 @@ fast float32 RNG path (never more than about two chunks in RAM); it is not §8.2
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
+import statistics
 import struct
 import sys
 import time
@@ -239,21 +241,30 @@ def make_checkpoint(out_dir, config: str | ModelConfig = "tiny-80", *, seed: int
 
 # -- streaming writer for big random checkpoints ----------------------------------------------
 
-def _bf16_bits_fast(x: np.ndarray) -> np.ndarray:
-    """float32 -> bf16 bits, round to nearest even, in uint32 arithmetic (finite inputs)."""
-    u = x.view(np.uint32)
-    u += np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
-    return (u >> np.uint32(16)).astype(np.uint16)
+@functools.lru_cache(maxsize=None)
+def _quantile_table(kind: str, scale: float, dtype: str) -> np.ndarray:
+    """65536 values at the midpoints of equal-probability bins of the distribution: a random
+    uint16 index into this table is a sample (normal * scale, or uniform(-4, 1))."""
+    u = (np.arange(65536) + 0.5) / 65536
+    if kind == "uniform":
+        v = -4.0 + 5.0 * u
+    else:
+        inv = statistics.NormalDist().inv_cdf
+        v = np.array([inv(x) for x in u]) * scale
+    v = v.astype(np.float32)
+    return f32_to_bf16(v) if dtype == "bf16" else v
 
 
-def _random_rows(rng, name, shape, rows):
-    """`rows` leading rows of a tensor drawn with the §8.2 scales (float32 RNG path)."""
-    sub = (rows,) + tuple(shape[1:])
+def _random_rows(rng, name, shape, rows, dtype):
+    """`rows` leading rows of a tensor with the §8.2 distributions (fast: a table lookup by
+    random 16-bit indices, ~5x faster than drawing normals), in the on-disk dtype."""
+    n = rows * int(np.prod(shape[1:]))
+    idx = np.frombuffer(rng.bytes(2 * n), dtype=np.uint16)
     if name.endswith("recurrent_param"):
-        return rng.uniform(-4.0, 1.0, size=sub).astype(np.float32)
-    z = rng.standard_normal(sub, dtype=np.float32)
-    z *= np.float32(_scale(name, shape))
-    return z
+        table = _quantile_table("uniform", 1.0, dtype)
+    else:
+        table = _quantile_table("normal", _scale(name, shape), dtype)
+    return table[idx]
 
 
 def write_random_checkpoint(out_dir, cfg: ModelConfig, *, dtype: str = "bf16", seed: int = 0,
@@ -261,7 +272,8 @@ def write_random_checkpoint(out_dir, cfg: ModelConfig, *, dtype: str = "bf16", s
                             chunk_bytes: int = 64 << 20, progress: bool = False) -> Path:
     """A random checkpoint of any size, streamed to disk in row chunks (low RAM, fast RNG).
 
-    Values follow the §8.2 distributions but not its exact draws. Default shards: ~2 GB each.
+    Values follow the §8.2 distributions (quantised to 65536 levels) but not its exact draws.
+    Default shards: ~2 GB each. lm_head.weight, if asked for, is an exact copy of the embedding.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -299,8 +311,8 @@ def write_random_checkpoint(out_dir, cfg: ModelConfig, *, dtype: str = "bf16", s
                 row_f32 = 4 * int(np.prod(shape[1:]))
                 step = max(1, chunk_bytes // row_f32)
                 for r0 in range(0, shape[0], step):
-                    x = _random_rows(rng, gen_name, shape, min(step, shape[0] - r0))
-                    f.write((_bf16_bits_fast(x) if dtype == "bf16" else x).tobytes())
+                    x = _random_rows(rng, gen_name, shape, min(step, shape[0] - r0), dtype)
+                    f.write(x.tobytes())
                     done += x.size * item
                     if progress:
                         el = time.time() - t0

@@ -56,3 +56,36 @@ def tiny(tiny_model_dir):
     """(model, tokenizer) loaded from tiny_model_dir."""
     from rgemma_cli import load
     return load(str(tiny_model_dir))
+
+
+# -- parity: random HF checkpoints from scripts/synth.py, reference fixtures ------------------
+# (test_parity.py, test_reference_live.py; the fixtures come from scripts/make_fixtures.py)
+
+import sys  # noqa: E402
+
+SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts"
+if str(SCRIPTS_DIR) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS_DIR))
+PARITY_FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def synth_checkpoint(tmp_path_factory):
+    """make(config, seed=0, **write_checkpoint_kw) -> directory of a synth.py checkpoint.
+
+    `config` is a name from synth.CONFIGS / a preset name or a ModelConfig; the weights are
+    synth.spec_weights(config, seed) (spec §8.2 rule). Cached for the session per arguments.
+    """
+    import synth
+    made = {}
+
+    def make(config="tiny-80", seed=0, **kw):
+        cfg = synth.get_config(config) if isinstance(config, str) else config
+        key = (repr(cfg), seed, tuple(sorted(kw.items())))
+        if key not in made:
+            d = tmp_path_factory.mktemp("synth")
+            synth.write_checkpoint(d, cfg, synth.spec_weights(cfg, seed), **kw)
+            made[key] = d
+        return made[key]
+
+    return make
