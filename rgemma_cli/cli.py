@@ -151,6 +151,8 @@ def _read_prompt(prompt: str | None, allow_empty: bool) -> str:
         return prompt
     if sys.stdin is None or (sys.stdin.isatty() and allow_empty):
         return ""
+    if sys.stdin.isatty():
+        print("reading the prompt from the terminal; end it with Ctrl-D", file=sys.stderr)
     data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
     try:
         text = data.decode("utf-8")

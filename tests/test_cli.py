@@ -4,6 +4,7 @@
 import errno
 import json
 import os
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -183,3 +184,35 @@ def test_usage_doc_is_current():
     spec.loader.exec_module(gen_usage)
     assert (root / "docs/usage.md").read_text(encoding="utf-8") == gen_usage.render(), \
         "docs/usage.md is stale: run `make docs` (python scripts/gen_usage.py)"
+
+
+def test_ctrl_c_during_generate_saves_what_was_shown(tiny_base_dir, tmp_path, monkeypatch):
+    from rgemma_cli.generation import Session
+    real_step, calls = Session.step, []
+
+    def step(self):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_step(self)
+    monkeypatch.setattr(Session, "step", step)
+    s = tmp_path / "s.rgs"
+    r = rg("generate", "-m", tiny_base_dir, "-t", 0, "-q", "--save-state", s, "Hello", ok=False)
+    monkeypatch.undo()
+    assert r.exit_code == 130
+    saved = statefile.load(s)
+    assert len(saved.ctx.pending) == 1 and saved.transcript[-1]["content"] == r.stdout
+    # continuing from the file gives what an uninterrupted run gives
+    whole = gen_json(tiny_base_dir, "-t", 0, "-n", 10, "Hello")
+    rest = gen_json(tiny_base_dir, "-n", 6, "--resume", s)
+    assert r.stdout + rest["text"] == whole["text"]
+
+
+DEMO = Path(__file__).resolve().parent.parent / "weights/demo"
+
+
+@pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="weights/demo not built yet")
+def test_demo_chat_turn_ends_with_end_of_turn():
+    j = gen_json("demo", "-t", "0", "-n", "300", "Hello! How are you today?")
+    assert j["finish_reason"] == "stop" and j["tokens"][-1] in (1, 107)
+    assert "<end_of_turn>" not in j["text"]
