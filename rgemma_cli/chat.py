@@ -31,6 +31,9 @@ HELP = """\
 Ctrl-C stops a reply and keeps the conversation; at the prompt it exits."""
 
 
+MAX_SNAPSHOTS = 16  # a 2B state is 34 MB: /undo reaches back this many turns
+
+
 @dataclass
 class Turn:
     """What /undo and /regen go back to: the context and transcript length before a message."""
@@ -100,6 +103,7 @@ class ChatUI:
         """Send one message and stream the reply; Ctrl-C stops the reply, not the chat."""
         s = self.session
         self.turns.append(Turn(s.ctx, len(s.transcript), text))
+        del self.turns[:-MAX_SNAPSHOTS]
         ids = s.user_turn(text, self.system)
         g = s.generate(ids, self.max_tokens)
         out = sys.stdout
@@ -167,7 +171,8 @@ class ChatUI:
             self.console.print("[dim](new conversation)[/]")
         elif name in ("/regen", "/undo"):
             if not self.turns:
-                raise RgemmaError(f"nothing to {name[1:]}: no message in this session yet")
+                raise RgemmaError(f"nothing to {name[1:]}: no message in this session yet "
+                                  f"(or the last {MAX_SNAPSHOTS} were already undone)")
             t = self.turns.pop()
             self.restore(t)
             if name == "/regen":
@@ -208,6 +213,7 @@ class ChatUI:
         self.console.print(f"[dim]{name.replace('_', '-')} = {escape(value)}[/]")
 
     def stats(self) -> None:
+        """/stats: where the conversation stands and how fast the last reply was."""
         s = self.session
         lines = [f"tokens seen: {s.ctx.tokens_seen}, state: {s.ctx.state.nbytes / 2**20:.2f} MiB "
                  f"in memory, turns: {sum(m['role'] == 'user' for m in s.transcript)}"]
@@ -219,6 +225,7 @@ class ChatUI:
         self.console.print("\n".join(lines), markup=False)
 
     def save(self, path: Path, quiet: bool = False) -> None:
+        """Save the session; a failure is reported and the chat goes on."""
         from . import statefile
         try:
             size = statefile.save(path, self.session, name=self.model_name)
@@ -229,6 +236,7 @@ class ChatUI:
             self.console.print(f"[dim](saved {escape(str(path))}, {size / 1e6:.2f} MB)[/]")
 
     def load(self, path: Path) -> None:
+        """/load: switch to a saved conversation of the same model and show it."""
         from . import statefile
         saved = statefile.load(path)
         statefile.check_model(saved, self.session.model, self.session.tokenizer, path)

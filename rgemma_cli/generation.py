@@ -59,10 +59,12 @@ class Generation:
 
     @property
     def prompt_tps(self) -> float:
+        """Prompt tokens per second (the first step: prefill plus the first sample)."""
         return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
 
     @property
     def gen_tps(self) -> float:
+        """Generated tokens per second after the first one."""
         n = len(self.tokens) - 1  # the first token's time is counted with the prompt
         return n / self.gen_seconds if n > 0 and self.gen_seconds else 0.0
 

@@ -63,10 +63,12 @@ class SamplerSettings:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """The settings as JSON-able values (state files)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplerSettings":
+        """Settings from `to_dict` output; unknown keys (a newer writer's) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

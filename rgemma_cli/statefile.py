@@ -71,6 +71,7 @@ class Saved:
 
     @property
     def config(self) -> ModelConfig:
+        """The config of the model the state was saved with."""
         return ModelConfig.from_dict(self.model["config"])
 
 

@@ -50,6 +50,7 @@ def test_two_halves_equal_one_run(tiny, settings):
     first = run(s, prompt, 16)
     second = run(s, (), 16)
     assert first.tokens + second.tokens == whole.tokens
+    assert first.text + second.text == whole.text  # also when a character spans the split
     assert len(set(whole.tokens)) > 3  # the tiny model does not just repeat one token
     assert first.finish_reason == second.finish_reason == "length"
 
@@ -156,3 +157,12 @@ def test_timings(tiny):
     g = run(Session(model, tok, GREEDY), tok.raw_prompt("Hello"), 5)
     assert g.prompt_tokens == len(tok.raw_prompt("Hello"))
     assert g.prompt_tps > 0 and g.gen_tps > 0
+
+
+def test_character_split_across_calls(tiny):
+    model, tok = tiny
+    ids = tok.encode("ab 日本")  # 日 and 本 are three byte-fallback pieces each
+    s = Session(Rigged(model, {3 + i: t for i, t in enumerate(ids)}), tok, GREEDY)
+    texts = [run(s, tok.raw_prompt("ab"), 5).text]  # stops after the first byte of 日
+    texts += [run(s, (), 1).text, run(s, (), len(ids) - 6).text]
+    assert texts[0] == "ab " and "".join(texts) == "ab 日本"
