@@ -8,6 +8,8 @@ made by scripts/build_corpus.py. rgemma itself never imports it.
     .venv/bin/python scripts/train_demo.py bench     --corpus /tmp/rgemma_demo/corpus
     .venv/bin/python scripts/train_demo.py train     --corpus /tmp/rgemma_demo/corpus --steps N
     .venv/bin/python scripts/train_demo.py check     # samples with transformers
+    .venv/bin/python scripts/train_demo.py golden    # tests/fixtures/demo_golden.npz
+    .venv/bin/python scripts/train_demo.py parity    # rgemma vs transformers on weights/demo
 
 Window convention: rgemma follows the official Griffin rule (a query sees itself and the W
 previous positions); transformers keeps one fewer. So we TRAIN transformers with
@@ -469,9 +471,104 @@ def run_check(args) -> None:
         json.dump(report, open(args.save, "w"), indent=2, ensure_ascii=False)
 
 
+# ---------------------------------------------------------------------------------------------
+# Golden logits (tests/fixtures/demo_golden.npz) and parity of rgemma against transformers
+# ---------------------------------------------------------------------------------------------
+GOLDEN_PATH = os.path.join(ROOT, "tests", "fixtures", "demo_golden.npz")
+GOLDEN_PROMPTS = {
+    # a chat turn (format: BOS + Gemma template, as rgemma's chat builds it)
+    "chat": "<start_of_turn>user\nHello! How are you today?<end_of_turn>\n<start_of_turn>model\n",
+    # raw text longer than the window (64): positions past W exercise the official window rule
+    "austen": "It is a truth universally acknowledged, that a single man in possession of a good "
+              "fortune, must be in want of a wife. However little known the feelings or views of "
+              "such a man may be on his first entering a neighbourhood, this truth is so well fixed "
+              "in the minds of the surrounding families, that he is considered the rightful "
+              "property of some one or other of their daughters. \"My dear Mr. Bennet,\" said his lady "
+              "to him one day, \"have you heard that Netherfield Park is let at last?\" Mr. Bennet "
+              "replied that he had not. \"But it is,\" returned she; \"for Mrs. Long has just been "
+              "here, and she told me all about it.\"",
+    "bible": "In the beginning, God created the heavens and the earth. The earth was formless and "
+             "empty. Darkness was on the surface of the deep and God's Spirit was hovering over the "
+             "surface of the waters. God said, \"Let there be light,\" and there was light. God saw "
+             "the light, and saw that it was good. God divided the light from the darkness. God "
+             "called the light \"day\", and the darkness he called \"night\". There was evening "
+             "and there was morning, the first day. God said, \"Let there be an expanse in the "
+             "middle of the waters, and let it divide the waters from the waters.\"",
+}
+
+
+def golden_positions(n: int) -> list[int]:
+    want = [0, 1, WINDOW - 1, WINDOW, WINDOW + 1, WINDOW + 2, 2 * WINDOW + 3, n - 1]
+    return sorted({p for p in want if 0 <= p < n})
+
+
+def hf_logits(model, ids) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+
+
+def run_golden(args) -> None:
+    """Write the float32 logits of transformers (window W + 1) on the demo weights at a few
+    positions of GOLDEN_PROMPTS; tests/test_demo.py compares rgemma against them."""
+    setup_torch(args.threads, args.seed)
+    import hashlib
+
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(args.out, "tokenizer.model"))
+    model = hf_model(args.out)
+    data = {}
+    for name, text in GOLDEN_PROMPTS.items():
+        ids = [BOS] + sp.encode(text)
+        lg = hf_logits(model, ids)
+        pos = golden_positions(len(ids))
+        data[f"{name}_tokens"] = np.array(ids, dtype=np.int32)
+        data[f"{name}_positions"] = np.array(pos, dtype=np.int32)
+        data[f"{name}_logits"] = lg[pos].astype(np.float32)
+        print(f"[golden] {name}: {len(ids)} tokens, positions {pos}", file=sys.stderr)
+    digest = hashlib.sha256(open(os.path.join(args.out, "model.safetensors"), "rb").read()).hexdigest()
+    data["weights_sha256"] = np.array(digest)
+    data["names"] = np.array(sorted(GOLDEN_PROMPTS))
+    os.makedirs(os.path.dirname(GOLDEN_PATH), exist_ok=True)
+    np.savez_compressed(GOLDEN_PATH, **data)
+    print(f"[golden] wrote {GOLDEN_PATH} ({os.path.getsize(GOLDEN_PATH)/1e3:.0f} kB)", file=sys.stderr)
+
+
+def run_parity(args) -> None:
+    """rgemma's load(weights/demo) against transformers, full sequences, a few prompts."""
+    setup_torch(args.threads, args.seed)
+    import sentencepiece as spm
+
+    sys.path.insert(0, ROOT)
+    from rgemma_cli import load
+
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(args.out, "tokenizer.model"))
+    model = hf_model(args.out)
+    rg, _ = load(args.out)
+    worst = 0.0
+    for name, text in list(GOLDEN_PROMPTS.items()) + [("long", " ".join(GOLDEN_PROMPTS.values()) * 2)]:
+        ids = [BOS] + sp.encode(text)
+        ref = hf_logits(model, ids)
+        got, _ = rg.forward(ids, rg.initial_state())
+        # also token by token (the decode path with its ring buffer)
+        st = rg.initial_state()
+        steps = []
+        for t in ids:
+            lg, st = rg.forward([t], st)
+            steps.append(lg[0])
+        d1 = float(np.abs(got - ref).max())
+        d2 = float(np.abs(np.stack(steps) - ref).max())
+        worst = max(worst, d1, d2)
+        print(f"[parity] {name}: {len(ids)} tokens, max|rgemma - transformers| = {d1:.2e} (prefill), "
+              f"{d2:.2e} (token by token); |logits| max {np.abs(ref).max():.1f}", file=sys.stderr)
+    print(f"[parity] worst {worst:.2e} ({'OK' if worst < 1e-4 else 'FAIL'} at atol 1e-4)", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("stage", choices=["tokenizer", "bench", "train", "check", "export-only"])
+    ap.add_argument("stage", choices=["tokenizer", "bench", "train", "check", "golden", "parity"])
     ap.add_argument("--corpus", default="/tmp/rgemma_demo/corpus")
     ap.add_argument("--work", default="/tmp/rgemma_demo/work")
     ap.add_argument("--out", default=OUT_DIR)
@@ -504,6 +601,10 @@ def main(argv=None) -> int:
         run_train(args)
     elif args.stage == "check":
         run_check(args)
+    elif args.stage == "golden":
+        run_golden(args)
+    elif args.stage == "parity":
+        run_parity(args)
     return 0
 
 
