@@ -93,19 +93,22 @@ def apply_repeat_penalty(logits: np.ndarray, recent, penalty: float) -> np.ndarr
 def candidates(logits: np.ndarray, s: SamplerSettings) -> tuple[np.ndarray, np.ndarray]:
     """The tokens left after temperature, top-k, top-p and min-p, most likely first, with their
     probabilities (float64, summing to 1). Ties are ordered by lowest id."""
-    z = logits.astype(np.float64) / s.temperature
-    ids = np.arange(z.size)
-    if 0 < s.top_k < z.size:  # partial selection first: a full sort of 256k logits is slow
-        ids = np.argpartition(-z, s.top_k - 1)[:s.top_k]
-    ids = ids[np.lexsort((ids, -z[ids]))]  # by logit descending, then id ascending
-    z = z[ids]
-    p = np.exp(z - z[0])
-    p /= p.sum()
-    if s.top_p < 1.0:
-        keep = int(np.searchsorted(np.cumsum(p), s.top_p)) + 1
-        ids, p = ids[:keep], p[:keep]
+    l = np.asarray(logits, dtype=np.float32)
+    w = np.exp((l - l.max()) * np.float32(1.0 / s.temperature))  # p / p_max, never overflows
+    ids = np.arange(l.size)
+    if 0 < s.top_k < l.size:  # partial selection: a full sort of 256k logits costs ~30 ms
+        kth = -np.partition(-l, s.top_k - 1)[s.top_k - 1]
+        above = np.flatnonzero(l > kth)
+        ids = np.concatenate([above, np.flatnonzero(l == kth)[:s.top_k - above.size]])  # ties: lowest ids
+    total = w[ids].sum(dtype=np.float64)  # top-p sees the distribution renormalised after top-k
     if s.min_p > 0.0:
-        keep = max(1, int(np.count_nonzero(p >= s.min_p * p[0])))
+        # min-p keeps p >= min_p * p_max; that set is a most-likely prefix that top-p cannot
+        # extend, so it is applied before sorting (the result is the same, the sort is small)
+        ids = ids[w[ids] >= s.min_p]
+    ids = ids[np.lexsort((ids, -l[ids]))]  # by logit descending, then id ascending
+    p = w[ids].astype(np.float64) / total
+    if s.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(p), s.top_p)) + 1  # smallest prefix reaching p
         ids, p = ids[:keep], p[:keep]
     return ids, p / p.sum()
 

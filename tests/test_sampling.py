@@ -104,3 +104,33 @@ def test_settings_round_trip():
     s = SamplerSettings(temperature=0.3, top_k=5, seed=9)
     assert SamplerSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     assert SamplerSettings().with_seed().seed is not None
+
+
+def reference_candidates(logits, s):
+    """The pipeline step by step on the full vocabulary (slow, obviously right)."""
+    z = logits.astype(np.float64) / s.temperature
+    order = np.lexsort((np.arange(z.size), -z))
+    if s.top_k:
+        order = order[:s.top_k]
+    p = np.exp(z[order] - z[order].max())
+    p /= p.sum()
+    if s.top_p < 1:
+        keep = np.searchsorted(np.cumsum(p), s.top_p) + 1
+        order, p = order[:keep], p[:keep] / p[:keep].sum()
+    keep = p >= s.min_p * p[0]
+    order, p = order[keep], p[keep]
+    return order, p / p.sum()
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_fast_pipeline_matches_the_step_by_step_one(seed):
+    r = np.random.default_rng(seed)
+    logits = (r.standard_normal(500) * r.uniform(0.5, 6)).astype(np.float32)
+    logits[r.integers(0, 500, 20)] = logits.max()  # ties
+    s = SamplerSettings(temperature=float(r.uniform(0.2, 2)), top_k=int(r.choice([0, 1, 5, 40, 499])),
+                        top_p=float(r.choice([1.0, 0.5, 0.9, 0.99])),
+                        min_p=float(r.choice([0.0, 0.01, 0.1, 0.5])))
+    ids, p = candidates(logits, s)
+    want_ids, want_p = reference_candidates(logits, s)
+    assert ids.tolist() == want_ids.tolist()
+    np.testing.assert_allclose(p, want_p, rtol=1e-5)
