@@ -66,9 +66,14 @@ Resume = Annotated[Optional[Path], typer.Option(
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No stats or progress on stderr.")]
 
 
-def _sampler_overrides(**flags) -> dict:
-    """The sampling flags the user actually gave (None means: from the state file or default)."""
-    return {k: v for k, v in flags.items() if v is not None}
+def _sampler_overrides(max_tokens: int, **flags) -> dict:
+    """The sampling flags the user actually gave (None means: from the state file or default),
+    checked before any weights load."""
+    if max_tokens < 0:
+        raise RgemmaError(f"--max-tokens must be >= 0, got {max_tokens}")
+    given = {k: v for k, v in flags.items() if v is not None}
+    SamplerSettings(**given)
+    return given
 
 
 def _user_errors(fn):
@@ -148,7 +153,9 @@ def save_state(path: Path | None, session, model_name: str, quiet: bool = False)
 def _read_prompt(prompt: str | None, allow_empty: bool) -> str:
     """The prompt argument, or stdin when it is omitted or '-'."""
     if prompt is not None and prompt != "-":
-        return prompt
+        if not prompt.strip() and not allow_empty:
+            raise RgemmaError("empty prompt: pass PROMPT or pipe text on stdin")
+        return prompt if prompt.strip() else ""
     if sys.stdin is None or (sys.stdin.isatty() and allow_empty):
         return ""
     if sys.stdin.isatty():
@@ -201,12 +208,9 @@ def generate(
     quiet: Quiet = False,
 ):
     """Generate text from a prompt (argument or stdin); only the text goes to stdout."""
-    if max_tokens < 0:
-        raise RgemmaError(f"--max-tokens must be >= 0, got {max_tokens}")
-    overrides = _sampler_overrides(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                   repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
-                                   seed=seed)
-    SamplerSettings(**overrides)  # bad values fail before the weights load
+    overrides = _sampler_overrides(max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   min_p=min_p, repeat_penalty=repeat_penalty,
+                                   repeat_last_n=repeat_last_n, seed=seed)
     text = _read_prompt(prompt, allow_empty=resume is not None)
     session = start_session(model, resume, chat, overrides, quiet)
     if text:
@@ -261,12 +265,9 @@ def chat(
         show_default=False)] = None,
 ):
     """Chat in the terminal. Type /help for commands; Ctrl-C stops a reply, Ctrl-D exits."""
-    if max_tokens < 0:
-        raise RgemmaError(f"--max-tokens must be >= 0, got {max_tokens}")
-    overrides = _sampler_overrides(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                   repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
-                                   seed=seed)
-    SamplerSettings(**overrides)
+    overrides = _sampler_overrides(max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   min_p=min_p, repeat_penalty=repeat_penalty,
+                                   repeat_last_n=repeat_last_n, seed=seed)
     from .chat import ChatUI
     session = start_session(model, resume, True, overrides)
     ChatUI(session, model_name=model, max_tokens=max_tokens, system=system,

@@ -102,6 +102,7 @@ def test_info_state_download(tiny_model_dir):
 
 def test_empty_and_invalid_stdin(tiny_base_dir):
     assert "empty prompt" in error_of("generate", "-m", tiny_base_dir, input="  \n")
+    assert "empty prompt" in error_of("generate", "-m", tiny_base_dir, " ")
     assert "not valid UTF-8" in error_of("generate", "-m", tiny_base_dir, input=b"caf\xe9\xff")
 
 
