@@ -50,8 +50,9 @@ class Tokenizer:
         return self.sp.encode(text)
 
     def decode(self, ids) -> str:
-        """Text of `ids`; control ids (pad, bos, eos) decode to nothing."""
-        return self.sp.decode([int(i) for i in ids])
+        """Text of `ids`; control ids (pad, bos, eos) and ids past the vocabulary (a model may
+        pad its embedding) decode to nothing."""
+        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
     def raw_prompt(self, text: str, *, bos: bool = True) -> list[int]:
         """A plain-text prompt: BOS (when it starts a sequence) then the encoded text."""
@@ -96,7 +97,7 @@ class StreamDecoder:
     def add(self, token: int) -> str:
         """The text that token completes (possibly "")."""
         sp = self.tok.sp
-        if sp.is_control(token):
+        if not 0 <= token < self.tok.vocab_size or sp.is_control(token):
             return ""
         if sp.is_byte(token):
             return self._utf8.decode(bytes([int(sp.id_to_piece(token)[3:5], 16)]))

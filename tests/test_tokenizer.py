@@ -79,6 +79,12 @@ def test_stream_skips_control_ids(tok):
     assert "".join(stream(tok, [tok.bos_id] + tok.encode("ok") + [tok.eos_id, tok.pad_id])) == "ok"
 
 
+def test_ids_past_the_vocabulary_decode_to_nothing(tok):
+    # a model whose embedding has more rows than the tokenizer has pieces can sample those ids
+    ids = tok.encode("ok") + [tok.vocab_size + 5]
+    assert "".join(stream(tok, ids)) == tok.decode(ids) == "ok"
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, 639), max_size=30))
 def test_stream_equals_decode_for_any_ids(tok, ids):
