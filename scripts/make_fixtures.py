@@ -354,7 +354,13 @@ def main(argv=None) -> int:
         versions = {p: md.version(p) for p in ("torch", "transformers", "recurrentgemma", "numpy")}
     except Exception:
         versions = {"torch": torch.__version__, "transformers": transformers.__version__}
-    summary = {"tolerance": TOL, "compute": "float32 (bf16 fixtures: f32 on bf16-rounded weights)",
+    try:
+        import subprocess
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except Exception:
+        commit = None
+    summary = {"tolerance": TOL, "rgemma_numbers_at_commit": commit, "compute": "float32 (bf16 fixtures: f32 on bf16-rounded weights)",
                "hf_window": "attention_window_size = W + 1 (equals the official rule)",
                "versions": versions, "fixtures": fixtures}
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
