@@ -19,12 +19,12 @@ import pytest
 
 pytestmark = pytest.mark.reference
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+torch = pytest.importorskip("torch", exc_type=ImportError)
+pytest.importorskip("transformers", exc_type=ImportError)
 if importlib.util.find_spec("recurrentgemma") is None:
     pytest.skip("the official 'recurrentgemma' package is not installed", allow_module_level=True)
 for _mod in ("jaxtyping", "einops"):
-    pytest.importorskip(_mod)
+    pytest.importorskip(_mod, exc_type=ImportError)
 
 import make_fixtures as mf  # noqa: E402  (scripts/, on sys.path via conftest.py)
 import synth  # noqa: E402
