@@ -132,11 +132,14 @@ def _open_files(directory: Path) -> dict[str, SafetensorsFile]:
 
 
 def fingerprint(cfg: ModelConfig, files: dict[str, SafetensorsFile]) -> str:
-    """A digest of the config and every tensor's name, dtype and shape: the model's identity."""
+    """The model's identity: a digest of the config, every tensor's name, dtype and shape, and
+    the values of the 1-D tensors (norms, biases: a few MB that tell fine-tunes apart)."""
     h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
     for name in sorted(files):
         f = files[name]
         h.update(f"{name}:{f.dtype(name)}:{f.shape(name)};".encode())
+        if len(f.shape(name)) == 1:
+            h.update(f.tensor(name).tobytes())
     return h.hexdigest()
 
 
