@@ -16,6 +16,7 @@ $(BIN)/rgemma: pyproject.toml
 # The references (torch CPU, transformers, recurrentgemma): only for fixtures and live parity.
 install-reference: install
 	$(BIN)/pip install --quiet -e '.[test,reference]'
+	$(BIN)/pip install --quiet --no-deps recurrentgemma==1.0.1
 
 test:
 	$(BIN)/python -m pytest -q
