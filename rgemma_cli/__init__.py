@@ -3,14 +3,20 @@
     from rgemma_cli import load
     model, tokenizer = load("google/recurrentgemma-2b-it")   # or a local directory, or "demo"
     state = model.initial_state()
-    logits, state = model.forward(tokenizer.encode("Hello"), state)
+    logits, state = model.forward(tokenizer.raw_prompt("Hello"), state)
+
+    session = Session(model, tokenizer, SamplerSettings(temperature=0.7, seed=1), mode="chat")
+    for piece in session.generate(session.user_turn("Hi!"), max_tokens=64):
+        print(piece, end="", flush=True)
 """
 
 from __future__ import annotations
 
 from .errors import RgemmaError
+from .generation import Session
+from .sampling import SamplerSettings
 
-__all__ = ["load", "RgemmaError"]
+__all__ = ["load", "RgemmaError", "Session", "SamplerSettings"]
 __version__ = "0.1.0"
 
 
