@@ -1,0 +1,181 @@
+"""`make bench`: decode and prefill throughput against this machine's limits, in one run.
+
+    .venv/bin/python bench/run.py [--quick] [--skip-9b] [--skip-transformers]
+
+Prepares random 2B-shaped checkpoints under weights/ (bf16 from scripts/synth.py, int8 and 4-bit
+from it with rgemma_cli.quantize; kept for the next run), then runs each measurement in its own
+process (bench/workers.py) and writes bench/out/results.json, docs/benchmarks.md and
+docs/bench-throughput.png. Ratios are taken between measurements of the same run, interleaved
+where they are compared; every figure carries its CPU/wall ratio (about 2.0 = both cores ours).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+WEIGHTS = ROOT / "weights"
+DOC = ROOT / "docs" / "benchmarks.md"
+PLOT = ROOT / "docs" / "bench-throughput.png"
+PY = sys.executable
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def worker(name, args, env=None, timeout=3600):
+    """Run bench/workers.py NAME in a fresh process; returns its JSON (or {"error": ...})."""
+    e = dict(os.environ)
+    for k, v in (env or {}).items():
+        if v is None:
+            e.pop(k, None)
+        else:
+            e[k] = v
+    t0 = time.time()
+    p = subprocess.run([PY, str(ROOT / "bench" / "workers.py"), name, json.dumps(args)], env=e,
+                       capture_output=True, text=True, timeout=timeout)
+    log(f"  {name} took {time.time() - t0:.0f} s")
+    if p.returncode != 0:
+        tail = p.stderr.strip().splitlines()[-5:]
+        log(f"  {name} failed: " + " | ".join(tail))
+        return {"error": "\n".join(tail)}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def prepare(preset, dtype="bf16"):
+    """The synthetic checkpoints (generated once, kept in the git-ignored weights/)."""
+    src = WEIGHTS / f"bench-{preset}-{dtype}"
+    if not (src / "config.json").exists():
+        log(f"generating {src} (random weights, scripts/synth.py)")
+        subprocess.run([PY, str(ROOT / "scripts" / "synth.py"), str(src), "--preset", preset,
+                        "--dtype", dtype], check=True)
+    return src
+
+
+def quantized(src, bits):
+    sys.path.insert(0, str(ROOT))
+    from rgemma_cli.quantize import quantize_checkpoint
+    out = src.parent / f"{src.name.rsplit('-', 1)[0]}-q{bits}"
+    if not (out / "config.json").exists():
+        log(f"quantizing {src.name} to {bits} bits")
+        quantize_checkpoint(src, out, bits)
+    return out
+
+
+def machine():
+    info = {"python": platform.python_version(), "cpus": os.cpu_count(),
+            "loadavg_start": os.getloadavg(), "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        info["mem_gb"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (OSError, ValueError):
+        pass
+    import numba
+    import numpy
+    info.update(numpy=numpy.__version__, numba=numba.__version__)
+    return info
+
+
+def small_models(tmp):
+    """Small checkpoints for the quality table: the parity fixtures' tiny-80 config (widths of 80
+    are not whole 4-bit groups: its 4-bit file is int8 almost throughout), a 64-wide one, and the
+    trained demo model when present."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import synth
+    out = {}
+    for name in ("tiny-80", "mkv"):
+        d = tmp / name
+        if not (d / "config.json").exists():
+            subprocess.run([PY, str(ROOT / "scripts" / "synth.py"), str(d), "--config", name],
+                           check=True, capture_output=True)
+        out[name] = d
+    demo = WEIGHTS / "demo"
+    if (demo / "config.json").exists():
+        out["demo"] = demo
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and tokens (a smoke run)")
+    ap.add_argument("--skip-9b", action="store_true", help="skip the 9B-shaped checkpoint (17 GB)")
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--only", help="comma-separated phases to run (decode,prefill,transformers,quality,9b); "
+                                   "the others are kept from the previous results.json")
+    a = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    prev = json.loads((OUT / "results.json").read_text()) if (a.only and (OUT / "results.json").exists()) else {}
+    only = set(a.only.split(",")) if a.only else None
+    want = lambda phase: only is None or phase in only  # noqa: E731
+    rounds, tokens = (2, 3) if a.quick else (4, 5)
+    t_start = time.time()
+    R = dict(prev)
+    R["machine"] = machine()
+    log(f"machine: {R['machine']}")
+
+    bf16 = prepare("2b")
+    models = {"bf16": str(bf16), "int8": str(quantized(bf16, 8)), "q4": str(quantized(bf16, 4))}
+
+    if want("decode"):
+        log("decode: bf16 / int8 / 4-bit interleaved with bandwidth probes; positions 128..32k")
+        R["decode"] = worker("decode", {"models": models, "rounds": rounds, "tokens": tokens,
+                                        "position_model": "bf16"})
+    if want("prefill"):
+        # OPENBLAS_CORETYPE: as this environment sets it, unset (OpenBLAS picks the AVX-512
+        # kernel), and Haswell (what these machines set) when the environment leaves it unset
+        settings = {"as set": os.environ.get("OPENBLAS_CORETYPE"), "unset": None}
+        if settings["as set"] is None:
+            settings = {"unset": None, "Haswell": "Haswell"}
+        R["prefill"] = {}
+        for i, (label, value) in enumerate(settings.items()):
+            log(f"prefill + sgemm peak, OPENBLAS_CORETYPE {label} ({value})")
+            R["prefill"][label] = worker("prefill", {"model": models["bf16"], "tokens": 512,
+                                                     "reps": 2 if a.quick else 3, "memory": i == 0},
+                                         env={"OPENBLAS_CORETYPE": value})
+    if want("transformers") and not a.skip_transformers:
+        log("transformers bf16 (torch, 2 threads): prefill and decode at 128 / 512 / 2048")
+        R["transformers"] = worker("transformers", {"model": models["bf16"], "tokens": tokens + 2,
+                                                    "lengths": [128, 512] if a.quick else [128, 512, 2048]})
+    if want("quality"):
+        log("quality: KL and top-1 agreement against the unquantized model")
+        R["quality"] = {"2b": worker("quality", {"reference": models["bf16"], "tokens": 12 if a.quick else 24,
+                                                 "variants": {"int8": models["int8"], "q4": models["q4"]}})}
+        sys.path.insert(0, str(ROOT))
+        from rgemma_cli.quantize import quantize_checkpoint
+        for name, d in small_models(OUT / "small").items():
+            qs = {}
+            for bits in (8, 4):
+                q = OUT / "small" / f"{name}-q{bits}"
+                if not (q / "config.json").exists():
+                    quantize_checkpoint(d, q, bits)
+                qs[f"{'int8' if bits == 8 else 'q4'}"] = str(q)
+            R["quality"][name] = worker("quality", {"reference": str(d), "tokens": 64, "variants": qs})
+    if want("9b") and not a.skip_9b:
+        try:
+            big = prepare("9b")
+            log("9B-shaped bf16: decode within this machine's memory")
+            R["9b"] = worker("big", {"model": str(big), "tokens": 3 if a.quick else 5})
+        except (subprocess.CalledProcessError, OSError) as e:
+            R["9b"] = {"error": str(e)}
+    R["machine"]["loadavg_end"] = os.getloadavg()
+    R["machine"]["bench_minutes"] = (time.time() - t_start) / 60
+    (OUT / "results.json").write_text(json.dumps(R, indent=1))
+    from report import write_report
+    write_report(R, DOC, PLOT)
+    log(f"wrote {DOC.relative_to(ROOT)} and {PLOT.relative_to(ROOT)} in {(time.time() - t_start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

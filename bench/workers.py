@@ -1,0 +1,318 @@
+"""Measurements for `bench/run.py`, each run in its own process (`python bench/workers.py NAME
+JSON_ARGS`) so that thread settings, OPENBLAS_CORETYPE and peak RSS belong to one measurement.
+Each worker prints one JSON line: its results.
+
+Every timed sample records wall and process CPU time: on 2 cores a free machine gives a CPU/wall
+ratio near 2 for the parallel kernels; a ratio near 1 or below means another process had a core.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from numba import njit, prange  # noqa: E402
+
+
+# -- small tools ---------------------------------------------------------------------------------
+
+
+def timed(fn):
+    """(result, wall seconds, cpu seconds) of fn()."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    r = fn()
+    return r, time.perf_counter() - t0, time.process_time() - c0
+
+
+def memory() -> dict:
+    """Current RSS split into private anonymous memory and file-backed pages (GB), and the peak."""
+    fields = {}
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
+        k, v = line.split(":")
+        fields[k.strip()] = int(v.split()[0]) * 1024
+    status = {l.split(":")[0]: l.split(":")[1] for l in Path("/proc/self/status").read_text().splitlines()}
+    hwm = int(status["VmHWM"].split()[0]) * 1024
+    anon = fields.get("Anonymous", 0)
+    return {"rss": fields["Rss"] / 1e9, "private": anon / 1e9, "file": (fields["Rss"] - anon) / 1e9,
+            "peak_rss": hwm / 1e9}
+
+
+class PeakMemory:
+    """Tracks the largest private and file-backed RSS seen at `sample()` calls."""
+
+    def __init__(self):
+        self.private = self.file = 0.0
+
+    def sample(self):
+        m = memory()
+        self.private, self.file = max(self.private, m["private"]), max(self.file, m["file"])
+        return m
+
+
+def stats(walls, cpus=None, unit=1.0) -> dict:
+    """best / median rate (unit / wall) and the CPU/wall ratio of a list of samples."""
+    w = np.asarray(walls, dtype=np.float64)
+    out = {"best": unit / w.min(), "median": unit / float(np.median(w)), "n": int(w.size)}
+    if cpus is not None:
+        out["cpu_per_wall"] = float(np.sum(cpus) / w.sum())
+    return out
+
+
+@njit(fastmath=True, cache=True)
+def _row_sum(a):
+    s = np.float32(0.0)
+    for i in range(a.size):
+        s += a[i]
+    return s
+
+
+@njit(parallel=True, cache=True)
+def _read_rows(a, out):
+    for r in prange(a.shape[0]):
+        out[r] = _row_sum(a[r])
+
+
+_BW = None
+
+
+def read_bandwidth(reps=5, gb=1.0) -> dict:
+    """GB/s of a vectorised parallel Numba read of a `gb`-sized f32 array (all threads)."""
+    global _BW
+    if _BW is None or _BW[0].nbytes != int(gb * 2**30):
+        a = np.ones((int(gb * 2**30) // (4 * 16384), 16384), np.float32)
+        _BW = (a, np.empty(a.shape[0], np.float32))
+    a, out = _BW
+    _read_rows(a, out)
+    samples = [timed(lambda: _read_rows(a, out)) for _ in range(reps)]
+    return stats([s[1] for s in samples], [s[2] for s in samples], unit=a.nbytes / 1e9)
+
+
+def weight_bytes(model) -> int:
+    """Bytes read per decoded token: every weight once (the tied embedding as the output head)."""
+    return int(sum(w.nbytes for w in model.weights.values()))
+
+
+def matrix_params(model) -> int:
+    """Parameters of the non-embedding weights (2 FLOPs each per prefilled token)."""
+    return int(sum(int(np.prod(w.shape)) for n, w in model.weights.items()
+                   if n != "model.embed_tokens.weight"))
+
+
+def prompt(model, n, seed=0):
+    return np.random.default_rng(seed).integers(3, model.config.vocab_size, n)
+
+
+def decode_steps(model, state, n, tok=5):
+    """Decode n tokens greedily from state; returns (walls, cpus, state)."""
+    walls, cpus = [], []
+    for _ in range(n):
+        (logits, state), w, c = timed(lambda: model.forward([tok], state))
+        tok = int(logits[0].argmax())
+        walls.append(w)
+        cpus.append(c)
+    return walls, cpus, state
+
+
+def at_position(state, pos):
+    """The same state moved to position `pos` (must equal state.pos modulo the window, so the
+    ring buffer of keys keeps its layout). The work of a decode step depends on the position
+    only through how full the window is, so this times decoding at `pos` exactly."""
+    return dataclasses.replace(state, pos=pos)
+
+
+# -- workers ---------------------------------------------------------------------------------------
+
+
+def w_decode(args) -> dict:
+    """Interleaved rounds: bandwidth probe, then a few tokens of every variant, then decode at
+    several positions of one generation (bf16)."""
+    from rgemma_cli import load
+    models = {v: load(p)[0] for v, p in args["models"].items()}
+    out = {"variants": {}, "bandwidth": [], "positions": {}}
+    states = {}
+    for v, m in models.items():
+        s = m.forward(prompt(m, 16), m.initial_state(), last_only=True)[1]
+        _, _, states[v] = decode_steps(m, s, 2)  # compile + fault the pages in
+        out["variants"][v] = {"bytes_per_token": weight_bytes(m), "walls": [], "cpus": []}
+    for r in range(args["rounds"]):
+        out["bandwidth"].append(read_bandwidth(3))
+        for v, m in models.items():
+            walls, cpus, states[v] = decode_steps(m, states[v], args["tokens"])
+            out["variants"][v]["walls"] += walls
+            out["variants"][v]["cpus"] += cpus
+    for v in out["variants"].values():
+        v.update(stats(v["walls"], v["cpus"]))
+
+    # decode rate at positions of one generation: a real 128-token and 2048-token prefill; 4096
+    # and 32768 are the 2048-token state advanced by whole windows (see `at_position`)
+    m = models[args["position_model"]]
+    W = m.config.attention_window_size
+    s128 = m.forward(prompt(m, 128, 1), m.initial_state(), last_only=True)[1]
+    (_, s2k), wall, cpu = timed(lambda: m.forward(prompt(m, W, 2), m.initial_state(), last_only=True))
+    out["long_prefill"] = {"tokens": W, "tok_s": W / wall, "cpu_per_wall": cpu / wall}
+    pos_states = {128: s128, W: s2k, 2 * W: at_position(s2k, 2 * W), 16 * W: at_position(s2k, 16 * W)}
+    samples = {p: ([], []) for p in pos_states}
+    for r in range(args["rounds"]):
+        for p in pos_states:
+            walls, cpus, _ = decode_steps(m, pos_states[p], args["tokens"])
+            samples[p][0].extend(walls)
+            samples[p][1].extend(cpus)
+    out["positions"] = {str(p): stats(*samples[p]) for p in samples}
+    return out
+
+
+def w_prefill(args) -> dict:
+    """sgemm peak and rgemma prefill in one process (the OPENBLAS_CORETYPE given by the parent);
+    with `memory`, peak private / file-backed RSS over load, prefill and decode."""
+    from rgemma_cli import load
+    from rgemma_cli.linear import blas_threads
+    peak = PeakMemory()
+    peak.sample()
+    out = {"coretype_env": os.environ.get("OPENBLAS_CORETYPE"), "corename": blas_corename()}
+    blas_threads(None)
+    rng = np.random.default_rng(0)
+    gemm = {}
+    for M, K, N in ((512, 2560, 7680), (2048, 2048, 2048)):
+        a = rng.standard_normal((M, K), dtype=np.float32)
+        b = rng.standard_normal((N, K), dtype=np.float32)
+        a @ b.T
+        samples = [timed(lambda: a @ b.T) for _ in range(5)]
+        gemm[f"{M}x{K}x{N}"] = stats([s[1] for s in samples], [s[2] for s in samples],
+                                     unit=2 * M * K * N / 1e9)
+    out["sgemm_gflops"] = gemm
+    out["sgemm_peak"] = max(g["best"] for g in gemm.values())
+    m = load(args["model"])[0]
+    peak.sample()
+    T = args["tokens"]
+    flops = 2 * matrix_params(m)
+    m.forward(prompt(m, 64), m.initial_state(), last_only=True)  # compile
+    samples = []
+    for r in range(args["reps"]):
+        samples.append(timed(lambda: m.forward(prompt(m, T, r), m.initial_state(), last_only=True))[1:])
+        peak.sample()
+    st = stats([s[0] for s in samples], [s[1] for s in samples], unit=T)
+    st["gflops_best"] = st["best"] * flops / 1e9
+    st["fraction_of_sgemm_peak"] = st["gflops_best"] / out["sgemm_peak"]
+    out["prefill"] = {"tokens": T, "flops_per_token": flops, **st}
+    if args.get("memory"):
+        s = m.forward(prompt(m, T), m.initial_state(), last_only=True)[1]
+        for _ in range(8):
+            s = m.forward([7], s)[1]
+            peak.sample()
+        out["memory"] = {"peak_private_gb": peak.private, "peak_file_gb": peak.file,
+                         "weights_gb": weight_bytes(m) / 1e9, **memory()}
+    return out
+
+
+def blas_corename():
+    import ctypes
+    import glob
+    for path in glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*")):
+        lib = ctypes.CDLL(path)
+        for sym in ("scipy_openblas_get_corename64_", "openblas_get_corename"):
+            if hasattr(lib, sym):
+                f = getattr(lib, sym)
+                f.restype = ctypes.c_char_p
+                return f().decode()
+    return None
+
+
+def w_transformers(args) -> dict:
+    """Hugging Face transformers bf16 on the same checkpoint, torch on 2 threads: prefill and
+    decode rate at several prompt lengths, timed per token with a streamer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+    torch.set_num_threads(args.get("threads", 2))
+    peak = PeakMemory()
+    model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.bfloat16)
+    model.eval()
+    peak.sample()
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append((time.perf_counter(), time.process_time()))
+
+        def end(self):
+            pass
+
+    V = model.config.vocab_size
+    out = {"threads": torch.get_num_threads(), "lengths": {}}
+    with torch.inference_mode():
+        model.generate(torch.tensor([[2, 5, 6, 7]]), max_new_tokens=3, do_sample=False)
+        for L in args["lengths"]:
+            ids = torch.tensor(np.random.default_rng(L).integers(3, V, (1, L)))
+            clock = Clock()
+            t0, c0 = time.perf_counter(), time.process_time()
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args["tokens"] + 1,
+                           min_new_tokens=args["tokens"] + 1, do_sample=False, streamer=clock)
+            peak.sample()
+            (t1, c1), rest = clock.times[1], clock.times[1:]  # [0] is the prompt itself
+            walls = [b[0] - a[0] for a, b in zip(rest, rest[1:])]
+            cpus = [b[1] - a[1] for a, b in zip(rest, rest[1:])]
+            out["lengths"][str(L)] = {"prefill_tok_s": L / (t1 - t0), "prefill_cpu_per_wall": (c1 - c0) / (t1 - t0),
+                                      "decode": stats(walls, cpus)}
+    out["memory"] = {"peak_private_gb": peak.private, "peak_file_gb": peak.file, **memory()}
+    return out
+
+
+def w_quality(args) -> dict:
+    """Next-token distributions of quantized models against the unquantized one, teacher-forced
+    over the same tokens on the decode path: mean KL(p_ref || p_q) and top-1 agreement."""
+    from rgemma_cli import load
+    ref = load(args["reference"])[0]
+    toks = prompt(ref, args["tokens"], 3)
+
+    def logprobs(m):
+        s = m.forward(toks[:4], m.initial_state(), last_only=True)[1]
+        rows = []
+        for t in toks[4:]:
+            logits, s = m.forward([t], s)
+            z = logits[0].astype(np.float64)
+            z -= z.max()
+            rows.append(z - np.log(np.exp(z).sum()))
+        return np.array(rows)
+
+    lr = logprobs(ref)
+    out = {"positions": int(lr.shape[0])}
+    for name, path in args["variants"].items():
+        lq = logprobs(load(path)[0])
+        kl = (np.exp(lr) * (lr - lq)).sum(axis=1)
+        out[name] = {"mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
+                     "top1_agreement": float((lr.argmax(1) == lq.argmax(1)).mean())}
+    return out
+
+
+def w_big(args) -> dict:
+    """A large checkpoint (9B-shaped): load, decode a few tokens, peak memory."""
+    from rgemma_cli import load
+    peak = PeakMemory()
+    m = load(args["model"])[0]
+    s = m.forward(prompt(m, 4), m.initial_state(), last_only=True)[1]
+    peak.sample()
+    walls, cpus, s = decode_steps(m, s, args["tokens"])
+    peak.sample()
+    bw = read_bandwidth(3)
+    return {"bytes_per_token": weight_bytes(m), "decode": stats(walls, cpus), "walls": walls,
+            "bandwidth": bw, "peak_private_gb": peak.private, "peak_file_gb": peak.file,
+            "mem_total_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9}
+
+
+WORKERS = {"decode": w_decode, "prefill": w_prefill, "transformers": w_transformers,
+           "quality": w_quality, "big": w_big}
+
+if __name__ == "__main__":
+    result = WORKERS[sys.argv[1]](json.loads(sys.argv[2]))
+    print(json.dumps(result))
