@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import threading
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from . import matvec as kernels
 from .quantize import Int4Weight, Int8Weight
 
 _BLOCK_BYTES = 32 << 20  # f32 bytes of weight rows per sgemm call (8 MB blocks ran at half speed)
-_buffer = np.empty(0, np.float32)  # the reused widening buffer
+_local = threading.local()  # .buffer: the reused widening buffer, one per thread
 
 
 # -- one thread pool at a time ---------------------------------------------------------------
@@ -101,19 +102,19 @@ def widen_rows(w, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray
 
 def _matmul(x: np.ndarray, w) -> np.ndarray:
     """x (T, in) @ w.T by row blocks of w widened into the reused buffer, then sgemm."""
-    global _buffer
     blas_threads(None)
     if isinstance(w, np.ndarray) and w.dtype == np.float32:
         return x @ w.T
     out_rows, n = w.shape
     rows = max(1, min(out_rows, _BLOCK_BYTES // (4 * n)))
     rows = -(-out_rows // -(-out_rows // rows))  # equal blocks: no small last sgemm
-    if _buffer.size < rows * n:
-        _buffer = np.empty(rows * n, np.float32)
+    buffer = getattr(_local, "buffer", None)
+    if buffer is None or buffer.size < rows * n:
+        buffer = _local.buffer = np.empty(rows * n, np.float32)
     y = np.empty((x.shape[0], out_rows), np.float32)
     for lo in range(0, out_rows, rows):
         hi = min(lo + rows, out_rows)
-        block = widen_rows(w, lo, hi, _buffer[:(hi - lo) * n].reshape(hi - lo, n))
+        block = widen_rows(w, lo, hi, buffer[:(hi - lo) * n].reshape(hi - lo, n))
         y[:, lo:hi] = x @ block.T  # (a strided `out=` would make NumPy skip BLAS)
     return y
 

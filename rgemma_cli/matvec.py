@@ -94,6 +94,9 @@ def _isa() -> str:
     """Which integer-dot instructions the host has: "vnni", "avx2" or "" (portable loop)."""
     try:
         from llvmlite import binding
+        from numba.core import config
+        if config.CPU_NAME not in (None, "host"):  # NUMBA_CPU_NAME=generic etc.: no host ISA
+            return ""
         f = binding.get_host_cpu_features()
         if f.get("avx512vnni") and f.get("avx512vl"):
             return "vnni"
