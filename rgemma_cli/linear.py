@@ -67,7 +67,8 @@ def matvec(w, x: np.ndarray) -> np.ndarray:
     blas_threads(1)
     y = np.empty(w.shape[0], np.float32)
     if isinstance(w, Int8Weight):
-        kernels.matvec_i8(w.q, w.scale, x, y)
+        x16 = np.empty(x.size, np.int16)
+        kernels.matvec_i8(w.q, w.scale, x16, kernels.quantize_i16(x, x16), y)
     elif isinstance(w, Int4Weight):
         xq = np.empty(x.size, np.int8)
         xs = np.empty(x.size // w.group, np.float32)

@@ -13,7 +13,8 @@ Weight formats (all `(out, in)`, rows contiguous):
   int8           int8 q, f32 scale (out,):             w = q * scale[r]
   4-bit          uint8 (out, in/2), f32 scale (out, in/G): w = (nibble - 8) * scale[r, g]; in each
                  group of G weights, byte j holds weight j (low nibble) and weight j + G/2 (high).
-The 4-bit kernel quantises x to int8 per group and computes integer dots (see `matvec_q4`).
+Quantized weights use integer dot products: the int8 kernel quantises x to int16 (one scale per
+vector), the 4-bit kernel to int8 per group (see `matvec_i8`, `matvec_q4`).
 """
 
 from __future__ import annotations
@@ -83,10 +84,16 @@ def _dot_f16(w, x):
 
 
 @njit(**_opts)
-def _dot_i8(w, x):
+def _dot_i8(w, x16):
+    """Integer dot of int8 weights with int16 activations: int32 sums over runs of 256 (cannot
+    overflow: 256 * 127 * 32767 < 2**31), which LLVM turns into vpmaddwd; ~1.4x the f32 path."""
     acc = np.float32(0.0)
-    for i in range(x.size):
-        acc += np.float32(w[i]) * x[i]
+    n = w.size
+    for lo in range(0, n, 256):
+        d = np.int32(0)
+        for j in range(lo, min(lo + 256, n)):
+            d = np.int32(d + np.int32(w[j]) * np.int32(x16[j]))
+        acc += np.float32(d)
     return acc
 
 
@@ -211,10 +218,24 @@ def matvec_f16(w, x, y):
         y[r] = _dot_f16(w[r], x)
 
 
+@njit(**_opts)
+def quantize_i16(x, x16):
+    """x (in,) -> int16 x16 with one scale for the whole vector (error <= max|x| / 65534)."""
+    m = np.float32(0.0)
+    for v in x:
+        m = max(m, abs(v))
+    s = m / np.float32(32767.0) if m > 0 else np.float32(1.0)
+    inv = np.float32(1.0) / s
+    for i in range(x.size):
+        x16[i] = np.int16(np.rint(x[i] * inv))
+    return s
+
+
 @njit(parallel=True, **_opts)
-def matvec_i8(w, scale, x, y):
+def matvec_i8(w, scale, x16, xscale, y):
+    """y = W x for int8 W (per-row scales) and x = x16 * xscale (see `quantize_i16`)."""
     for r in prange(w.shape[0]):
-        y[r] = _dot_i8(w[r], x) * scale[r]
+        y[r] = _dot_i8(w[r], x16) * (scale[r] * xscale)
 
 
 @njit(**_opts)
