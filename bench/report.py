@@ -21,6 +21,20 @@ def _ok(flag):
 def derived(R) -> dict:
     """The ratios the issue asks for, computed from the raw results."""
     d = {}
+    ker = R.get("kernels", {})
+    if "read_bandwidth" in ker:
+        w("## Kernels alone (matvec of 7680 x 2560 weights, 4 matrices cycled: not cache-resident)\n")
+        w("GB/s of weight bytes streamed (4-bit: packed nibbles + f32 group scales). Read bandwidth "
+          f"in the same process: {_f(ker['read_bandwidth']['best'], 1)} GB/s best.\n")
+        w("| format | 1 thread best | median | CPU/wall | 2 threads best | median | CPU/wall |")
+        w("|---|---|---|---|---|---|---|")
+        for k in ("f32", "bf16", "int8", "q4"):
+            a, b = ker.get(f"{k}/1"), ker.get(f"{k}/2")
+            if a and b:
+                w(f"| {k} | {_f(a['best'], 1)} | {_f(a['median'], 1)} | {_f(a['cpu_per_wall'])} | "
+                  f"{_f(b['best'], 1)} | {_f(b['median'], 1)} | {_f(b['cpu_per_wall'])} |")
+        w("")
+
     dec = R.get("decode", {})
     if "variants" in dec:
         bws = [b["best"] for b in dec["bandwidth"]]
@@ -95,6 +109,20 @@ def write_report(R, doc: Path, png: Path):
       "ours, about 1.0 or less means another process held a core and the 2-thread kernels waited "
       "for it (perf-notes item 9). Ratios compare measurements taken side by side in this run.\n")
     head = len(L)
+
+    ker = R.get("kernels", {})
+    if "read_bandwidth" in ker:
+        w("## Kernels alone (matvec of 7680 x 2560 weights, 4 matrices cycled: not cache-resident)\n")
+        w("GB/s of weight bytes streamed (4-bit: packed nibbles + f32 group scales). Read bandwidth "
+          f"in the same process: {_f(ker['read_bandwidth']['best'], 1)} GB/s best.\n")
+        w("| format | 1 thread best | median | CPU/wall | 2 threads best | median | CPU/wall |")
+        w("|---|---|---|---|---|---|---|")
+        for k in ("f32", "bf16", "int8", "q4"):
+            a, b = ker.get(f"{k}/1"), ker.get(f"{k}/2")
+            if a and b:
+                w(f"| {k} | {_f(a['best'], 1)} | {_f(a['median'], 1)} | {_f(a['cpu_per_wall'])} | "
+                  f"{_f(b['best'], 1)} | {_f(b['median'], 1)} | {_f(b['cpu_per_wall'])} |")
+        w("")
 
     dec = R.get("decode", {})
     if "variants" in dec:

@@ -112,7 +112,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer rounds and tokens (a smoke run)")
     ap.add_argument("--skip-9b", action="store_true", help="skip the 9B-shaped checkpoint (17 GB)")
     ap.add_argument("--skip-transformers", action="store_true")
-    ap.add_argument("--only", help="comma-separated phases to run (decode,prefill,transformers,quality,9b); "
+    ap.add_argument("--only", help="comma-separated phases to run (kernels,decode,prefill,transformers,quality,9b); "
                                    "the others are kept from the previous results.json")
     a = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -128,6 +128,9 @@ def main():
     bf16 = prepare("2b")
     models = {"bf16": str(bf16), "int8": str(quantized(bf16, 8)), "q4": str(quantized(bf16, 4))}
 
+    if want("kernels"):
+        log("kernels: GB/s of each matvec format, 1 and 2 threads")
+        R["kernels"] = worker("kernels", {"rounds": 8 if a.quick else 20})
     if want("decode"):
         log("decode: bf16 / int8 / 4-bit interleaved with bandwidth probes; positions 128..32k")
         R["decode"] = worker("decode", {"models": models, "rounds": rounds, "tokens": tokens,

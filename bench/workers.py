@@ -310,7 +310,35 @@ def w_big(args) -> dict:
             "mem_total_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9}
 
 
-WORKERS = {"decode": w_decode, "prefill": w_prefill, "transformers": w_transformers,
+def w_kernels(args) -> dict:
+    """GB/s of weights streamed by each matvec kernel (one 7680 x 2560 MLP-sized matrix per
+    format, 4 of them cycled so that nothing stays in cache), 1 and 2 threads, interleaved."""
+    import numba
+    from rgemma_cli import linear, quantize
+    from rgemma_cli.safetensors import f32_to_bf16
+    rng = np.random.default_rng(0)
+    f32 = [rng.standard_normal((7680, 2560), dtype=np.float32) * 0.02 for _ in range(4)]
+    fmts = {"f32": f32, "bf16": [f32_to_bf16(w) for w in f32],
+            "int8": [quantize.Int8Weight(*quantize.quantize_int8(w)) for w in f32],
+            "q4": [quantize.Int4Weight(*quantize.quantize_int4(w)) for w in f32]}
+    x = rng.standard_normal(2560, dtype=np.float32)
+    out = {}
+    for threads in args.get("threads", (1, 2)):
+        numba.set_num_threads(threads)
+        samples = {k: [] for k in fmts}
+        for r in range(args.get("rounds", 20)):
+            for k, ws in fmts.items():
+                w = ws[r % 4]
+                samples[k].append(timed(lambda: linear.linear(x[None], w))[1:] + (w.nbytes,))
+        for k, s in samples.items():
+            walls, cpus = [a[0] for a in s[1:]], [a[1] for a in s[1:]]
+            out[f"{k}/{threads}"] = stats(walls, cpus, unit=s[0][2] / 1e9)
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    out["read_bandwidth"] = read_bandwidth(5)
+    return out
+
+
+WORKERS = {"kernels": w_kernels, "decode": w_decode, "prefill": w_prefill, "transformers": w_transformers,
            "quality": w_quality, "big": w_big}
 
 if __name__ == "__main__":

@@ -89,12 +89,16 @@ def _dot_i8(w, x16):
     overflow: 256 * 127 * 32767 < 2**31), which LLVM turns into vpmaddwd; ~1.4x the f32 path."""
     acc = np.float32(0.0)
     n = w.size
-    for lo in range(0, n, 256):
+    full = n - n % 256  # (a `min()` in the inner bound made this loop 200x slower)
+    for lo in range(0, full, 256):
         d = np.int32(0)
-        for j in range(lo, min(lo + 256, n)):
+        for j in range(lo, lo + 256):
             d = np.int32(d + np.int32(w[j]) * np.int32(x16[j]))
         acc += np.float32(d)
-    return acc
+    d = np.int32(0)
+    for j in range(full, n):
+        d = np.int32(d + np.int32(w[j]) * np.int32(x16[j]))
+    return acc + np.float32(d)
 
 
 def _isa() -> str:
