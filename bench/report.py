@@ -140,7 +140,8 @@ def write_report(R, doc: Path, png: Path):
               f"{_f(r['cpu_per_wall'])} | {vs} |")
         w("")
         w("4-bit: groups of 64 with f32 scales (4.5 bits per weight); its tied embedding / output "
-          "head is int8 by default (see `rgemma_cli/quantize.py`).\n")
+          "head is int8 by default (`q4`), or 4-bit too with `embedding_bits=4` (`q4-emb4`); see "
+          "`rgemma_cli/quantize.py`.\n")
         pos = dec["positions"]
         w("### Decode rate against position in one generation (bf16)\n")
         w("| position | tok/s best | tok/s median | CPU/wall |")
@@ -205,14 +206,16 @@ def write_report(R, doc: Path, png: Path):
     if q:
         w("## Quantization quality (next-token distributions against the unquantized model)\n")
         w("Teacher-forced on the decode path over the same random tokens; KL(p_ref || p_quant) in nats.\n")
-        w("| model | positions | int8 mean KL | int8 top-1 agreement | 4-bit mean KL | 4-bit top-1 agreement |")
+        w("| model | positions | weights | mean KL | max KL | top-1 agreement |")
         w("|---|---|---|---|---|---|")
         for name, r in q.items():
             if "error" in r:
-                w(f"| {name} | error |")
+                w(f"| {name} | error | | | | |")
                 continue
-            w(f"| {name} | {r['positions']} | {_f(r['int8']['mean_kl'], 4)} | {_f(r['int8']['top1_agreement'])} | "
-              f"{_f(r['q4']['mean_kl'], 4)} | {_f(r['q4']['top1_agreement'])} |")
+            for v, x in r.items():
+                if isinstance(x, dict):
+                    w(f"| {name} | {r['positions']} | {v} | {_f(x['mean_kl'], 4)} | {_f(x['max_kl'], 4)} | "
+                      f"{_f(x['top1_agreement'])} |")
         w("\n`tiny-80` is the parity fixtures' config: its widths (80) are not whole 4-bit groups, so "
           "its '4-bit' file is int8 except where a width is a multiple of 64. Random weights say how "
           "much the numerics move, not how a trained model's text changes.\n")

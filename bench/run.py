@@ -61,13 +61,14 @@ def prepare(preset, dtype="bf16"):
     return src
 
 
-def quantized(src, bits):
+def quantized(src, bits, embedding_bits=None):
     sys.path.insert(0, str(ROOT))
     from rgemma_cli.quantize import quantize_checkpoint
-    out = src.parent / f"{src.name.rsplit('-', 1)[0]}-q{bits}"
+    suffix = f"q{bits}" + (f"-emb{embedding_bits}" if embedding_bits else "")
+    out = src.parent / f"{src.name.rsplit('-', 1)[0]}-{suffix}"
     if not (out / "config.json").exists():
-        log(f"quantizing {src.name} to {bits} bits")
-        quantize_checkpoint(src, out, bits)
+        log(f"quantizing {src.name} to {suffix}")
+        quantize_checkpoint(src, out, bits, embedding_bits=embedding_bits)
     return out
 
 
@@ -126,7 +127,8 @@ def main():
     log(f"machine: {R['machine']}")
 
     bf16 = prepare("2b")
-    models = {"bf16": str(bf16), "int8": str(quantized(bf16, 8)), "q4": str(quantized(bf16, 4))}
+    models = {"bf16": str(bf16), "int8": str(quantized(bf16, 8)), "q4": str(quantized(bf16, 4)),
+              "q4-emb4": str(quantized(bf16, 4, embedding_bits=4))}
 
     if want("kernels"):
         log("kernels: GB/s of each matvec format, 1 and 2 threads")
@@ -154,7 +156,7 @@ def main():
     if want("quality"):
         log("quality: KL and top-1 agreement against the unquantized model")
         R["quality"] = {"2b": worker("quality", {"reference": models["bf16"], "tokens": 12 if a.quick else 24,
-                                                 "variants": {"int8": models["int8"], "q4": models["q4"]}})}
+                                                 "variants": {k: models[k] for k in ("int8", "q4", "q4-emb4")}})}
         sys.path.insert(0, str(ROOT))
         from rgemma_cli.quantize import quantize_checkpoint
         for name, d in small_models(OUT / "small").items():

@@ -3,6 +3,9 @@ int8 / 4-bit weights of `quantize.py`. Weights are never widened to a full f32 c
 
 - One row (decode): a Numba kernel streams the weight once, widening in registers, parallel
   over output rows (`matvec.py`). Reading the weights is the whole cost of a decoded token.
+  int8 and 4-bit weights meet quantized activations (int16 per vector, int8 per group of 64) in
+  integer dot products. A few rows (up to `_STREAM_ROWS`) are streamed row by row too: widening
+  a whole model serially costs more than reading it a few times.
 - Many rows (prefill): blocks of weight rows are widened (or dequantized) by a serial Numba
   function into a reused f32 buffer, then OpenBLAS sgemm multiplies the block on both cores.
 
@@ -25,6 +28,7 @@ from . import matvec as kernels
 from .quantize import Int4Weight, Int8Weight
 
 _BLOCK_BYTES = 32 << 20  # f32 bytes of weight rows per sgemm call (8 MB blocks ran at half speed)
+_STREAM_ROWS = 4  # up to this many rows: one matvec per row instead of widen + sgemm
 _local = threading.local()  # .buffer: the reused widening buffer, one per thread
 
 
@@ -125,7 +129,10 @@ def linear(x: np.ndarray, w, b: np.ndarray | None = None) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim == 1:
         x = x[None]
-    y = matvec(w, x[0])[None] if x.shape[0] == 1 else _matmul(x, w)
+    if x.shape[0] <= _STREAM_ROWS:
+        y = np.stack([matvec(w, row) for row in x]) if len(x) else np.empty((0, w.shape[0]), np.float32)
+    else:
+        y = _matmul(x, w)
     if b is not None:
         y += b
     return y
