@@ -114,7 +114,7 @@ class ChatUI:
                 out.flush()
             out.write("\n")
         except KeyboardInterrupt:
-            g.finish_reason = "interrupted"
+            s.interrupt(g)
             if not g.tokens:  # still reading the message: forget it, as if never sent
                 self.restore(self.turns.pop())
                 out.write("\n")

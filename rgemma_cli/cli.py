@@ -228,7 +228,7 @@ def generate(
                 sys.stdout.write(piece)
                 sys.stdout.flush()
     except KeyboardInterrupt:
-        g.finish_reason = "interrupted"
+        session.interrupt(g)
     if as_json:
         print(json.dumps({
             "text": g.text, "tokens": g.tokens, "finish_reason": g.finish_reason,

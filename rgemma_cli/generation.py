@@ -52,6 +52,7 @@ class Generation:
     prompt_tokens: int = 0  # tokens fed by the first step (the prompt and the old pending token)
     prompt_seconds: float = 0.0
     gen_seconds: float = 0.0
+    shown: Context | None = None  # the context as of the last text yielded
     _iter: object = None
 
     def __iter__(self):
@@ -141,39 +142,59 @@ class Session:
         g._iter = self._run(g, max_tokens, frozenset(stop_ids), [s for s in stop_strings if s], tail)
         return g
 
+    def interrupt(self, g: Generation) -> None:
+        """Stop `g` after a Ctrl-C: forget the tokens sampled but not yet shown as text, so the
+        context matches exactly what the user saw (also call it when the Ctrl-C landed outside
+        the generator, e.g. while printing)."""
+        if g.shown is not None and g.finish_reason in (None, "interrupted"):
+            dropped = self.ctx.tokens_seen - g.shown.tokens_seen
+            self.ctx = g.shown
+            if dropped > 0:
+                del g.tokens[-dropped:]
+        g.finish_reason = "interrupted"
+
     def _run(self, g: Generation, max_tokens: int, stop_ids, stops, tail):
         detok = self.tokenizer.detokenizer()
         for token in tail:
             detok.add(token)
         text = ""  # generated text, including what is held back
         out = 0  # chars of `text` already yielded
+        # The last context whose every sampled token has been yielded as text. A Ctrl-C goes
+        # back to it (see `interrupt`), so the state never holds tokens nobody saw.
+        g.shown = self.ctx
         g.prompt_tokens = len(self.ctx.pending)
         t0 = time.perf_counter()
-        while len(g.tokens) < max_tokens:
-            token = self.step()
-            g.tokens.append(token)
-            now = time.perf_counter()
-            if len(g.tokens) == 1:
-                g.prompt_seconds, t0 = now - t0, now
+        try:
+            while len(g.tokens) < max_tokens:
+                token = self.step()
+                g.tokens.append(token)
+                now = time.perf_counter()
+                if len(g.tokens) == 1:
+                    g.prompt_seconds, t0 = now - t0, now
+                else:
+                    g.gen_seconds = now - t0
+                if token in stop_ids:
+                    g.finish_reason = "stop"
+                    break
+                text += detok.add(token)
+                hit = _find_stop(text, out, stops)
+                if hit is not None:
+                    g.finish_reason = "stop"
+                    text = text[:hit]
+                    break
+                safe = len(text) - _held_back(text, stops)
+                if safe == len(text) and not detok.holding:
+                    g.shown = self.ctx
+                if safe > out:
+                    piece, out = text[out:safe], safe
+                    g.text += piece
+                    yield piece
             else:
-                g.gen_seconds = now - t0
-            if token in stop_ids:
-                g.finish_reason = "stop"
-                break
-            text += detok.add(token)
-            hit = _find_stop(text, out, stops)
-            if hit is not None:
-                g.finish_reason = "stop"
-                text = text[:hit]
-                break
-            safe = len(text) - _held_back(text, stops)
-            if safe > out:
-                piece, out = text[out:safe], safe
-                g.text += piece
-                yield piece
-        else:
-            # an incomplete character stays unprinted; a continuation completes it (see tail)
-            g.finish_reason = "length"
+                # an incomplete character stays unprinted; a continuation completes it (see tail)
+                g.finish_reason = "length"
+        except KeyboardInterrupt:
+            self.interrupt(g)
+            raise
         if len(text) > out:
             g.text += text[out:]
             yield text[out:]

@@ -104,6 +104,11 @@ class StreamDecoder:
         text = " \u2047 " if sp.is_unknown(token) else sp.id_to_piece(token).replace("\u2581", " ")
         return self._utf8.decode(text.encode("utf-8"))
 
+    @property
+    def holding(self) -> bool:
+        """True while the bytes of an incomplete character are held back."""
+        return bool(self._utf8.getstate()[0])
+
     def flush(self) -> str:
         """Whatever is held back (an incomplete character becomes U+FFFD)."""
         return self._utf8.decode(b"", final=True)

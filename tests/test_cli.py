@@ -205,7 +205,8 @@ def test_ctrl_c_during_generate_saves_what_was_shown(tiny_base_dir, tmp_path, mo
     assert len(saved.ctx.pending) == 1 and saved.transcript[-1]["content"] == r.stdout
     # continuing from the file gives what an uninterrupted run gives
     whole = gen_json(tiny_base_dir, "-t", 0, "-n", 10, "Hello")
-    rest = gen_json(tiny_base_dir, "-n", 6, "--resume", s)
+    shown = saved.ctx.tokens_seen - len(saved.ctx.pending) - whole["prompt_tokens"] + 1
+    rest = gen_json(tiny_base_dir, "-n", 10 - shown, "--resume", s)
     assert r.stdout + rest["text"] == whole["text"]
 
 
