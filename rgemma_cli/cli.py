@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
+import numpy as np
 import typer
 
 from .errors import RgemmaError
@@ -304,7 +305,7 @@ def info(model: Annotated[str, typer.Argument(metavar="MODEL",
     path = resolve(model)
     m, tok = load(model)
     cfg = m.config
-    params = sum(int(getattr(w, "size", 0)) for w in m.weights.values())
+    params = sum(int(np.prod(w.shape)) for w in m.weights.values())
     nbytes = sum(int(getattr(w, "nbytes", 0)) for w in m.weights.values())
     state = State.zeros(cfg).nbytes
     t = Table(show_header=False, box=None)
@@ -318,6 +319,35 @@ def info(model: Annotated[str, typer.Argument(metavar="MODEL",
     for k, v in cfg.to_dict().items():
         t.add_row(k, str(v))
     Console().print(t)
+
+
+@app.command()
+@_user_errors
+def quantize(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Local directory, repo id, or 'demo'.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Directory to write the quantized model to.")],
+    bits: Annotated[int, typer.Option("--bits", help="8: int8 per output channel; 4: groups of 64 "
+                                      "with f32 scales.")] = 8,
+    embedding_bits: Annotated[Optional[int], typer.Option(
+        "--embedding-bits", metavar="N", help="The tied embedding / output head: 16 (keep), 8 or 4. "
+        "[default: 8]", show_default=False)] = None,
+    quiet: Quiet = False,
+):
+    """Write an int8 or 4-bit copy of a model (HF layout; RG-LRU, conv, norms, biases stay exact)."""
+    from .checkpoint import resolve
+    from .quantize import quantize_checkpoint
+
+    src = resolve(model)
+    if not quiet and sys.stderr.isatty():
+        from rich.progress import Progress
+        with Progress(transient=True, console=None) as bar:
+            task = bar.add_task(f"quantizing to {bits} bits", total=None)
+            quantize_checkpoint(src, out, bits, embedding_bits=embedding_bits,
+                                progress=lambda done, total: bar.update(task, completed=done, total=total))
+    else:
+        quantize_checkpoint(src, out, bits, embedding_bits=embedding_bits)
+    if not quiet:
+        print(f"wrote {out}", file=sys.stderr)
 
 
 @app.command("state")

@@ -218,3 +218,14 @@ def test_demo_chat_turn_ends_with_end_of_turn():
     j = gen_json("demo", "-t", "0", "-n", "300", "Hello! How are you today?")
     assert j["finish_reason"] == "stop" and j["tokens"][-1] in (1, 107)
     assert "<end_of_turn>" not in j["text"]
+
+
+def test_quantize_then_generate(tiny_base_dir, tmp_path):
+    out = tmp_path / "q8"
+    rg("quantize", tiny_base_dir, out, "--bits", 8, "-q")
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
+    assert (out / "tokenizer.model").exists()
+    j = gen_json(out, "-n", 6, "-t", 0, "Hello")
+    assert len(j["tokens"]) == 6
+    assert "--bits must be 8 or 4" in error_of("quantize", tiny_base_dir, tmp_path / "q9", "--bits", 9)
+    assert "already quantized" in error_of("quantize", out, tmp_path / "again")
