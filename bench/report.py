@@ -21,20 +21,6 @@ def _ok(flag):
 def derived(R) -> dict:
     """The ratios the issue asks for, computed from the raw results."""
     d = {}
-    ker = R.get("kernels", {})
-    if "read_bandwidth" in ker:
-        w("## Kernels alone (matvec of 7680 x 2560 weights, 4 matrices cycled: not cache-resident)\n")
-        w("GB/s of weight bytes streamed (4-bit: packed nibbles + f32 group scales). Read bandwidth "
-          f"in the same process: {_f(ker['read_bandwidth']['best'], 1)} GB/s best.\n")
-        w("| format | 1 thread best | median | CPU/wall | 2 threads best | median | CPU/wall |")
-        w("|---|---|---|---|---|---|---|")
-        for k in ("f32", "bf16", "int8", "q4"):
-            a, b = ker.get(f"{k}/1"), ker.get(f"{k}/2")
-            if a and b:
-                w(f"| {k} | {_f(a['best'], 1)} | {_f(a['median'], 1)} | {_f(a['cpu_per_wall'])} | "
-                  f"{_f(b['best'], 1)} | {_f(b['median'], 1)} | {_f(b['cpu_per_wall'])} |")
-        w("")
-
     dec = R.get("decode", {})
     if "variants" in dec:
         bws = [b["best"] for b in dec["bandwidth"]]
@@ -83,7 +69,8 @@ def plot(R, path):
     ax.set_title("RecurrentGemma-2B shapes, 2-core laptop-class CPU")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
@@ -108,6 +95,16 @@ def write_report(R, doc: Path, png: Path):
       "with the process CPU time / wall time over those samples: about 2.0 means both cores were "
       "ours, about 1.0 or less means another process held a core and the 2-thread kernels waited "
       "for it (perf-notes item 9). Ratios compare measurements taken side by side in this run.\n")
+    quiet = []
+    for k in ("kernels", "decode", "transformers", "quality", "9b"):
+        if isinstance(R.get(k), dict) and "busy_cores_before" in R[k]:
+            quiet.append(f"{k} {R[k]['busy_cores_before']} (waited {R[k]['waited_s']} s)")
+    for k, r in R.get("prefill", {}).items():
+        if "busy_cores_before" in r:
+            quiet.append(f"prefill/{k} {r['busy_cores_before']} (waited {r['waited_s']} s)")
+    if quiet:
+        w("Cores kept busy by other processes just before each phase (the bench waits up to 5 min "
+          "for less than 0.15): " + "; ".join(quiet) + ".\n")
     head = len(L)
 
     ker = R.get("kernels", {})

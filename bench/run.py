@@ -32,8 +32,30 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def busy_cores(seconds=1.0) -> float:
+    """How many cores other processes kept busy over `seconds` (from /proc/stat)."""
+    def sample():
+        f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(f), f[3] + f[4]  # total, idle + iowait
+    (t0, i0), _, (t1, i1) = sample(), time.sleep(seconds), sample()
+    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(1, t1 - t0))
+
+
+def wait_quiet(limit=300.0, threshold=0.15) -> dict:
+    """Wait (at most `limit` s) until other processes use less than `threshold` of a core."""
+    t0 = time.time()
+    while True:
+        busy = busy_cores()
+        if busy < threshold or time.time() - t0 > limit:
+            return {"busy_cores_before": round(busy, 2), "waited_s": round(time.time() - t0, 1)}
+        time.sleep(2)
+
+
 def worker(name, args, env=None, timeout=3600):
-    """Run bench/workers.py NAME in a fresh process; returns its JSON (or {"error": ...})."""
+    """Run bench/workers.py NAME in a fresh process; returns its JSON (or {"error": ...}).
+    Waits first for the machine to be quiet (up to 5 min) and records what it found."""
+    quiet = wait_quiet()
+    log(f"  {name}: {quiet}")
     e = dict(os.environ)
     for k, v in (env or {}).items():
         if v is None:
@@ -47,8 +69,8 @@ def worker(name, args, env=None, timeout=3600):
     if p.returncode != 0:
         tail = p.stderr.strip().splitlines()[-5:]
         log(f"  {name} failed: " + " | ".join(tail))
-        return {"error": "\n".join(tail)}
-    return json.loads(p.stdout.strip().splitlines()[-1])
+        return {"error": "\n".join(tail), **quiet}
+    return {**json.loads(p.stdout.strip().splitlines()[-1]), **quiet}
 
 
 def prepare(preset, dtype="bf16"):

@@ -129,7 +129,9 @@ def linear(x: np.ndarray, w, b: np.ndarray | None = None) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim == 1:
         x = x[None]
-    if x.shape[0] <= _STREAM_ROWS:
+    if x.shape[0] == 1:
+        y = matvec(w, x[0])[None]
+    elif x.shape[0] <= _STREAM_ROWS:
         y = np.stack([matvec(w, row) for row in x]) if len(x) else np.empty((0, w.shape[0]), np.float32)
     else:
         y = _matmul(x, w)
