@@ -145,8 +145,10 @@ def main():
     rounds, tokens = (2, 3) if a.quick else (4, 5)
     t_start = time.time()
     R = dict(prev)
-    R["machine"] = machine()
-    log(f"machine: {R['machine']}")
+    R["machine"] = {**prev.get("machine", {}), **machine()} if not prev else prev["machine"]
+    run = {"phases": a.only or "all", "start": time.strftime("%H:%M"), "loadavg_start": os.getloadavg()}
+    R["runs"] = prev.get("runs", []) + [run]
+    log(f"machine: {machine()}")
 
     bf16 = prepare("2b")
     models = {"bf16": str(bf16), "int8": str(quantized(bf16, 8)), "q4": str(quantized(bf16, 4)),
@@ -196,8 +198,9 @@ def main():
             R["9b"] = worker("big", {"model": str(big), "tokens": 3 if a.quick else 5})
         except (subprocess.CalledProcessError, OSError) as e:
             R["9b"] = {"error": str(e)}
-    R["machine"]["loadavg_end"] = os.getloadavg()
-    R["machine"]["bench_minutes"] = (time.time() - t_start) / 60
+    run.update(loadavg_end=os.getloadavg(), minutes=(time.time() - t_start) / 60)
+    if not prev:
+        R["machine"].update(loadavg_end=run["loadavg_end"], bench_minutes=run["minutes"])
     (OUT / "results.json").write_text(json.dumps(R, indent=1))
     from report import write_report
     write_report(R, DOC, PLOT)
