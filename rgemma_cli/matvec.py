@@ -270,6 +270,27 @@ def matvec_q4(packed, scale, xq, xscale, xcorr, y):
         y[r] = _q4_row_dot(packed[r], xq, srow, xscale) - _dot_f32(srow, xcorr)
 
 
+@njit(**_opts)
+def _vec_mat_acc(x, w, y):
+    """y += x @ w for x (in,), w (in, out) row-major: axpy over contiguous rows of w."""
+    for i in range(w.shape[0]):
+        xi = x[i]
+        row = w[i]
+        for o in range(y.size):
+            y[o] += xi * row[o]
+
+
+@njit(parallel=True, **_opts)
+def block_diagonal_vec(x, w, b, y):
+    """y = blockdiag(w) applied to one row: y[h] = x[h] @ w[h] + b[h] for w (H, bw_in, bw_out)
+    ([block, in, out] as the RG-LRU gates are stored), x (H*bw_in,), b (H, bw_out)."""
+    H, n, m = w.shape
+    for h in prange(H):
+        yh = y[h * m:(h + 1) * m]
+        yh[:] = b[h]
+        _vec_mat_acc(x[h * n:(h + 1) * n], w[h], yh)
+
+
 # -- prefill: widen a block of rows into a reused f32 buffer (serial: BLAS owns the cores) ----
 
 

@@ -106,3 +106,13 @@ def test_prefill_blocks_cover_all_rows(monkeypatch):
     bits = f32_to_bf16(w)
     x = _x(L._STREAM_ROWS + 2, 64)
     np.testing.assert_allclose(L.linear(x, bits), x @ bf16_to_f32(bits).T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_block_diagonal_matches_numpy(t):
+    H, bw = 3, 40
+    w = _w(H * bw, bw).reshape(H, bw, bw)
+    b = rng.standard_normal((H, bw)).astype(np.float32)
+    x = _x(t, H * bw)
+    ref = np.concatenate([x[:, h * bw:(h + 1) * bw] @ w[h] + b[h] for h in range(H)], axis=1)
+    np.testing.assert_allclose(L.block_diagonal(x, w, b), ref, rtol=1e-5, atol=1e-5)
