@@ -14,6 +14,12 @@ def _f(x, nd=2):
     return "—" if x is None else f"{x:.{nd}f}"
 
 
+def _head(w, *columns):
+    """A Markdown table header."""
+    w("| " + " | ".join(columns) + " |")
+    w("|" + "---|" * len(columns))
+
+
 def _ok(flag):
     return "met" if flag else "**missed**"
 
@@ -115,8 +121,7 @@ def write_report(R, doc: Path, png: Path):
         w("## Kernels alone (matvec of 7680 x 2560 weights, 4 matrices cycled: not cache-resident)\n")
         w("GB/s of weight bytes streamed (4-bit: packed nibbles + f32 group scales). Read bandwidth "
           f"in the same process: {_f(ker['read_bandwidth']['best'], 1)} GB/s best.\n")
-        w("| format | 1 thread best | median | CPU/wall | 2 threads best | median | CPU/wall |")
-        w("|---|---|---|---|---|---|---|")
+        _head(w, 'format', '1 thread best', 'median', 'CPU/wall', '2 threads best', 'median', 'CPU/wall')
         for k in ("f32", "bf16", "int8", "q4"):
             a, b = ker.get(f"{k}/1"), ker.get(f"{k}/2")
             if a and b:
@@ -130,8 +135,7 @@ def write_report(R, doc: Path, png: Path):
         w(f"Read bandwidth (vectorised Numba read of 1 GiB, 2 threads, probed before every round): "
           f"median of the round bests **{_f(d['bw'], 1)} GB/s**, best {_f(d['bw_best'], 1)}, "
           f"CPU/wall {_f(d['bw_cpu'])}. Ceiling = that bandwidth / bytes of weights read per token.\n")
-        w("| weights | GB read / token | tok/s best | tok/s median | ceiling tok/s | best / ceiling | median / ceiling | CPU/wall | best vs transformers |")
-        w("|---|---|---|---|---|---|---|---|---|")
+        _head(w, 'weights', 'GB read / token', 'tok/s best', 'tok/s median', 'ceiling tok/s', 'best / ceiling', 'median / ceiling', 'CPU/wall', 'best vs transformers')
         hfb = d.get("hf_decode", {}).get("best")
         for v, r in dec["variants"].items():
             vs = f"{r['best'] / hfb:.1f}x" if hfb else "—"
@@ -144,8 +148,7 @@ def write_report(R, doc: Path, png: Path):
           "`rgemma_cli/quantize.py`.\n")
         pos = dec["positions"]
         w("### Decode rate against position in one generation (bf16)\n")
-        w("| position | tok/s best | tok/s median | CPU/wall |")
-        w("|---|---|---|---|")
+        _head(w, 'position', 'tok/s best', 'tok/s median', 'CPU/wall')
         for p in sorted(pos, key=int):
             w(f"| {p} | {_f(pos[p]['best'])} | {_f(pos[p]['median'])} | {_f(pos[p]['cpu_per_wall'])} |")
         w("")
@@ -167,8 +170,7 @@ def write_report(R, doc: Path, png: Path):
         w("Each row is one process with OPENBLAS_CORETYPE as labelled (the bench command alone changes "
           "it). sgemm peak = best of (512x2560 @ 2560x7680) and 2048^3 in that process, 2 threads. "
           "FLOPs per token = 2 x non-embedding parameters.\n")
-        w("| OPENBLAS_CORETYPE | OpenBLAS core | sgemm peak GFLOP/s | prefill tok/s best | median | GFLOP/s | fraction of peak | CPU/wall |")
-        w("|---|---|---|---|---|---|---|---|")
+        _head(w, 'OPENBLAS_CORETYPE', 'OpenBLAS core', 'sgemm peak GFLOP/s', 'prefill tok/s best', 'median', 'GFLOP/s', 'fraction of peak', 'CPU/wall')
         for label, r in pre.items():
             if "error" in r:
                 w(f"| {label} | error: {r['error'][-80:]} |")
@@ -182,8 +184,7 @@ def write_report(R, doc: Path, png: Path):
     if "lengths" in hf:
         w("## transformers bf16 on the same checkpoint (torch, "
           f"{hf['threads']} threads)\n")
-        w("| prompt tokens | prefill tok/s | prefill CPU/wall | decode tok/s best | median | decode CPU/wall |")
-        w("|---|---|---|---|---|---|")
+        _head(w, 'prompt tokens', 'prefill tok/s', 'prefill CPU/wall', 'decode tok/s best', 'median', 'decode CPU/wall')
         for Lk, r in hf["lengths"].items():
             w(f"| {Lk} | {_f(r['prefill_tok_s'], 1)} | {_f(r['prefill_cpu_per_wall'])} | {_f(r['decode']['best'])} | "
               f"{_f(r['decode']['median'])} | {_f(r['decode']['cpu_per_wall'])} |")
@@ -192,8 +193,7 @@ def write_report(R, doc: Path, png: Path):
         w(f"## transformers\n\nfailed: `{hf.get('error')}`\n")
 
     w("## Memory (2B bf16: load, 512-token prefill, 8 decoded tokens)\n")
-    w("| | peak private (anonymous) GB | peak file-backed GB | weights GB |")
-    w("|---|---|---|---|")
+    _head(w, '', 'peak private (anonymous) GB', 'peak file-backed GB', 'weights GB')
     mem = next((r["memory"] for r in pre.values() if "memory" in r), None)
     if mem:
         w(f"| rgemma | {_f(mem['peak_private_gb'])} | {_f(mem['peak_file_gb'])} | {_f(mem['weights_gb'])} |")
@@ -206,8 +206,7 @@ def write_report(R, doc: Path, png: Path):
     if q:
         w("## Quantization quality (next-token distributions against the unquantized model)\n")
         w("Teacher-forced on the decode path over the same random tokens; KL(p_ref || p_quant) in nats.\n")
-        w("| model | positions | weights | mean KL | max KL | top-1 agreement |")
-        w("|---|---|---|---|---|---|")
+        _head(w, 'model', 'positions', 'weights', 'mean KL', 'max KL', 'top-1 agreement')
         for name, r in q.items():
             if "error" in r:
                 w(f"| {name} | error | | | | |")
