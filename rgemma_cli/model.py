@@ -15,7 +15,7 @@ import numpy as np
 from .config import ATTENTION, ModelConfig
 from .errors import RgemmaError
 from .kernels import local_attention_kernel, rg_lru_scan
-from .linear import embed, linear
+from .linear import block_diagonal, embed, linear
 from .state import AttentionState, RecurrentState, State
 
 # Long inputs are processed in pieces so activations stay small; results do not depend on it.
@@ -80,13 +80,6 @@ def conv1d(u, conv_state, w, b):
     for j in range(1, K):
         out = out + w[j] * buf[j:j + T]
     return out, buf[T:]
-
-
-def block_diagonal(x, w, b):
-    """x (T, R) through H independent (bw, bw) blocks: w is [block, in, out], b (H, bw)."""
-    H, bw, _ = w.shape
-    xb = x.reshape(x.shape[0], H, bw).transpose(1, 0, 2)  # (H, T, bw)
-    return (np.matmul(xb, w).transpose(1, 0, 2) + b).reshape(x.shape[0], H * bw)
 
 
 def rg_lru(c, pos, h0, w):
