@@ -39,31 +39,41 @@ def _axpy(alpha, x, y):
 
 
 @njit(cache=True, parallel=True)
-def local_attention_kernel(q, k, v, lo, hi, scale):
-    """Multi-query attention of q (T, H, hd) over k, v (KVH, S, hd) sorted by position.
+def local_attention_kernel(q, q_pos, ck, cv, c_pos, k, v, window, scale):
+    """Sliding-window multi-query attention over the ring buffer and the chunk's own keys.
 
-    Query t sees keys lo[t]..hi[t]-1 (the caller computed the window); head h reads key/value
-    head h // (H / KVH), as HF's repeat_kv does. Softmax in float32.
+    q (T, H, hd) at positions q_pos (T,); ck, cv (W, KVH, hd) the cached ring slots holding
+    positions c_pos (W,) (-1 for an empty slot); k, v (T, KVH, hd) the chunk's keys and values.
+    A query at p sees keys at p-window..p; head h reads key/value head h // (H / KVH), as HF's
+    repeat_kv does. Reading the ring in place spares copying it into position order.
     """
     T, H, hd = q.shape
-    group = H // k.shape[0]
+    W = ck.shape[0]
+    group = H // k.shape[1]
     out = np.zeros((T, H, hd), np.float32)
     for th in prange(T * H):
         t = th // H
         h = th - t * H
         g = h // group
-        n = hi[t] - lo[t]
-        scores = np.empty(n, np.float32)
+        first = q_pos[t] - window
+        scores = np.empty(W + t + 1, np.float32)
         m = np.float32(-np.inf)
-        for s in range(n):
-            x = _dot(q[t, h], k[g, lo[t] + s]) * np.float32(scale)
+        for s in range(W + t + 1):
+            if s < W:
+                visible = c_pos[s] >= 0 and c_pos[s] >= first
+            else:
+                visible = q_pos[s - W] >= first
+            x = np.float32(-np.inf)
+            if visible:
+                x = _dot(q[t, h], ck[s, g] if s < W else k[s - W, g]) * np.float32(scale)
             scores[s] = x
             m = max(m, x)
         total = np.float32(0.0)
-        for s in range(n):
-            e = np.float32(np.exp(scores[s] - m))
+        for s in range(W + t + 1):
+            e = np.float32(np.exp(scores[s] - m)) if scores[s] > -np.inf else np.float32(0.0)
             scores[s] = e
             total += e
-        for s in range(n):
-            _axpy(scores[s] / total, v[g, lo[t] + s], out[t, h])
+        for s in range(W + t + 1):
+            if scores[s] > 0:
+                _axpy(scores[s] / total, cv[s, g] if s < W else v[s - W, g], out[t, h])
     return out

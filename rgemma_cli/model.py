@@ -120,17 +120,9 @@ def local_attention(x, pos, w, s: AttentionState, cfg: ModelConfig):
     k = rope(linear(x, w["k_proj.weight"]).reshape(T, kvh, hd), pos, cfg.rotary_dims, cfg.rope_theta)
     v = linear(x, w["v_proj.weight"]).reshape(T, kvh, hd)
 
-    # Keys in position order: the cached slots that are still needed, then the chunk's own.
-    held = slot_positions(int(pos[0]), W)
-    cached = np.flatnonzero((held >= 0) & (held >= pos[0] - W))
-    cached = cached[np.argsort(held[cached])]
-    key_pos = np.concatenate([held[cached], pos])
-    keys = np.concatenate([s.k[cached], k]).transpose(1, 0, 2).copy()  # (KVH, S, hd)
-    values = np.concatenate([s.v[cached], v]).transpose(1, 0, 2).copy()
-    lo = np.searchsorted(key_pos, pos - W, side="left").astype(np.int64)
-    hi = np.searchsorted(key_pos, pos, side="right").astype(np.int64)
-    out = local_attention_kernel(np.ascontiguousarray(q, dtype=np.float32), keys, values, lo, hi,
-                                 1.0 / math.sqrt(hd))
+    out = local_attention_kernel(np.ascontiguousarray(q, dtype=np.float32), pos, s.k, s.v,
+                                 slot_positions(int(pos[0]), W), np.ascontiguousarray(k),
+                                 np.ascontiguousarray(v), W, 1.0 / math.sqrt(hd))
     out = linear(out.reshape(T, H * hd), w["o_proj.weight"], w["o_proj.bias"])
 
     new_k, new_v = s.k.copy(), s.v.copy()

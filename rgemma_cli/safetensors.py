@@ -62,6 +62,9 @@ class SafetensorsFile:
                 except (UnicodeDecodeError, json.JSONDecodeError):
                     raise RgemmaError(f"{self.path}: corrupt safetensors header (not JSON)") from None
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+                if self._map is not None and hasattr(mmap, "MADV_HUGEPAGE"):
+                    # decode streams every weight once per token: huge pages spare TLB misses
+                    self._map.madvise(mmap.MADV_HUGEPAGE)
         except FileNotFoundError:
             raise RgemmaError(f"missing checkpoint file {self.path}") from None
         except IsADirectoryError:
