@@ -135,7 +135,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer rounds and tokens (a smoke run)")
     ap.add_argument("--skip-9b", action="store_true", help="skip the 9B-shaped checkpoint (17 GB)")
     ap.add_argument("--skip-transformers", action="store_true")
-    ap.add_argument("--only", help="comma-separated phases to run (kernels,decode,prefill,transformers,quality,9b); "
+    ap.add_argument("--only", help="comma-separated phases to run (kernels,decode,prefill,transformers,quality,elementwise,startup,9b); "
                                    "the others are kept from the previous results.json")
     a = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -191,6 +191,12 @@ def main():
                     quantize_checkpoint(d, q, bits)
                 qs[f"{'int8' if bits == 8 else 'q4'}"] = str(q)
             R["quality"][name] = worker("quality", {"reference": str(d), "tokens": 64, "variants": qs})
+    if want("elementwise"):
+        log("elementwise: the RG-LRU's transcendentals and scan, NumPy against Numba")
+        R["elementwise"] = worker("elementwise", {"reps": 3 if a.quick else 7})
+    if want("startup"):
+        log("startup: `rgemma generate -m demo -n 1`, cold and warm Numba cache")
+        R["startup"] = worker("startup", {"model": "demo", "reps": 3 if a.quick else 5})
     if want("9b") and not a.skip_9b:
         try:
             big = prepare("9b")

@@ -338,8 +338,81 @@ def w_kernels(args) -> dict:
     return out
 
 
+def w_startup(args) -> dict:
+    """Seconds from launching `rgemma generate -m MODEL -n 1` to its exit (the first token):
+    once with an empty Numba cache (cold: every kernel compiles) and then with it filled (warm)."""
+    import subprocess
+    import tempfile
+
+    cmd = [sys.executable, "-c", "import sys; from rgemma_cli.cli import main; sys.exit(main())",
+           "generate", "-m", args["model"], "-n", "1", "-t", "0", "-q", "Hello"]
+    env = dict(os.environ, NUMBA_CACHE_DIR=tempfile.mkdtemp(prefix="rgemma-numba-"))
+
+    def launch():
+        t0 = time.perf_counter()
+        subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=600)
+        return time.perf_counter() - t0
+
+    cold = launch()
+    warm = [launch() for _ in range(args.get("reps", 5))]
+    return {"cold_s": cold, "warm_best_s": min(warm), "warm_median_s": float(np.median(warm))}
+
+
+@njit(cache=True)
+def _rg_lru_elementwise_numba(c, gx, ga, softplus_lam, out_a, out_x):
+    # the same math as model.rg_lru's NumPy ufuncs, as one scalar Numba loop (no SVML here)
+    T, R = c.shape
+    for t in range(T):
+        for j in range(R):
+            i = 1.0 / (1.0 + np.exp(-gx[t, j]))
+            r = 1.0 / (1.0 + np.exp(-ga[t, j]))
+            log_a = -8.0 * r * softplus_lam[j]
+            out_a[t, j] = np.exp(log_a)
+            out_x[t, j] = c[t, j] * i * np.sqrt(1.0 - np.exp(2.0 * log_a))
+
+
+def w_elementwise(args) -> dict:
+    """The RG-LRU's elementwise work (gates, decay, input scaling) and its scan, for a 2048-token
+    chunk and for one decoded row (2B width): NumPy ufuncs against one Numba loop, and the scan
+    as a NumPy loop over time against the Numba kernel. Best of `reps`, milliseconds."""
+    from rgemma_cli.kernels import rg_lru_scan
+    from rgemma_cli.model import sigmoid, softplus
+
+    R, reps = 2560, args.get("reps", 7)
+    rng = np.random.default_rng(0)
+    lam = rng.uniform(-4, 1, R).astype(np.float32)
+    out = {}
+    for T in (2048, 1):
+        c, gx, ga = (rng.standard_normal((T, R)).astype(np.float32) for _ in range(3))
+
+        def numpy_elementwise():
+            log_a = np.float32(-8.0) * sigmoid(ga) * softplus(lam)
+            return np.exp(log_a), c * sigmoid(gx) * np.sqrt(1.0 - np.exp(2.0 * log_a))
+
+        a_out, x_out = np.empty_like(c), np.empty_like(c)
+        sp = softplus(lam)
+        a, x = numpy_elementwise()
+        h0 = np.zeros(R, np.float32)
+
+        def numpy_scan():
+            h, hs = h0, np.empty_like(x)
+            for t in range(T):
+                h = a[t] * h + x[t]
+                hs[t] = h
+            return hs
+
+        variants = {"elementwise, NumPy ufuncs": numpy_elementwise,
+                    "elementwise, Numba loop": lambda: _rg_lru_elementwise_numba(c, gx, ga, sp, a_out, x_out),
+                    "scan, NumPy loop over time": numpy_scan,
+                    "scan, Numba kernel": lambda: rg_lru_scan(a, x, h0)}
+        for name, fn in variants.items():
+            fn()  # compile / warm up
+            out[f"{name}/{T}"] = 1e3 * min(timed(fn)[1] for _ in range(reps))
+    return out
+
+
 WORKERS = {"kernels": w_kernels, "decode": w_decode, "prefill": w_prefill, "transformers": w_transformers,
-           "quality": w_quality, "big": w_big}
+           "quality": w_quality, "big": w_big, "startup": w_startup, "elementwise": w_elementwise}
 
 if __name__ == "__main__":
     result = WORKERS[sys.argv[1]](json.loads(sys.argv[2]))
