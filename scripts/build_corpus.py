@@ -101,6 +101,16 @@ def is_clean(text: str) -> bool:
     return not BAD_RE.search(text) and not PII_RE.search(text)
 
 
+def group_chats(pairs, src, rng):
+    """Unrelated Q&A pairs grouped into short multi-turn chats (2-6 pairs each)."""
+    out, i = [], 0
+    while i < len(pairs):
+        k = rng.randint(2, 6)
+        out.append({"src": src, "kind": "chat", "units": pairs[i : i + k]})
+        i += k
+    return out
+
+
 def chat_pair(user: str, model: str) -> str:
     return f"{SOT}user\n{user}{EOT}\n{SOT}model\n{model}{EOT}\n"
 
@@ -180,12 +190,7 @@ def load_chatterbot(stats: dict, rng: random.Random) -> list[dict]:
             for i in range(0, len(conv) - 1, 2):
                 pairs.append(chat_pair(conv[i], conv[i + 1]))
     rng.shuffle(pairs)
-    # Group unrelated Q&A pairs into short multi-turn chats (2-6 pairs).
-    out, i = [], 0
-    while i < len(pairs):
-        k = rng.randint(2, 6)
-        out.append({"src": "chatterbot", "kind": "chat", "units": pairs[i : i + k]})
-        i += k
+    out = group_chats(pairs, "chatterbot", rng)
     stats["chatterbot"] = {
         "package": f"PyPI chatterbot-corpus {pkg_version('chatterbot-corpus')} (english/*.yml)",
         "licence": "BSD-3-Clause",
@@ -351,11 +356,7 @@ def load_wordnet(stats: dict, rng: random.Random, max_words: int) -> list[dict]:
         q = rng.choice(templates).format(w=w)
         a = f"\"{w.capitalize()}\" ({pos}): {gloss}."
         pairs.append(chat_pair(q, a))
-    out, i = [], 0
-    while i < len(pairs):
-        k = rng.randint(2, 6)
-        out.append({"src": "wordnet", "kind": "chat", "units": pairs[i : i + k]})
-        i += k
+    out = group_chats(pairs, "wordnet", rng)
     stats["wordnet"] = {
         "package": f"Debian dict-wn {deb_version('dict-wn')} (WordNet 3.0)",
         "licence": "WordNet 3.0 licence (Princeton University); notice kept in the model card",
