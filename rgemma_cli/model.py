@@ -167,12 +167,15 @@ class Griffin:
         """The state before the first token (position 0, all zeros)."""
         return State.zeros(self.config)
 
-    def forward(self, token_ids, state: State, *, last_only: bool = False):
-        """Process `token_ids` on top of `state`; returns (logits, new_state).
+    def forward(self, token_ids, state: State | None = None, *, last_only: bool = False):
+        """Process `token_ids` on top of `state` (default: the initial state); returns
+        (logits, new_state).
 
         logits are float32 (len(token_ids), vocab), or (1, vocab) for the last position only
         when `last_only`. The input state is left untouched.
         """
+        if state is None:
+            state = self.initial_state()
         tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         V = self.config.vocab_size
         if tokens.size == 0:
