@@ -7,6 +7,7 @@ tied output head -> soft cap. The model is a pure function `(tokens, state) -> (
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -43,6 +44,12 @@ def softplus(z):
     return np.logaddexp(np.float32(0.0), z)
 
 
+@functools.cache
+def _inv_freq(rotary_dims, theta):
+    exponent = np.arange(0, rotary_dims, 2, dtype=np.float32) / np.float32(rotary_dims)
+    return (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
+
+
 def rope(x, pos, rotary_dims, theta):
     """Rotate the first `rotary_dims` dims of each head (pairing i with i + rotary_dims/2).
 
@@ -51,9 +58,7 @@ def rope(x, pos, rotary_dims, theta):
     half = rotary_dims // 2
     if half == 0:
         return x
-    exponent = np.arange(0, rotary_dims, 2, dtype=np.float32) / np.float32(rotary_dims)
-    inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
-    angle = pos.astype(np.float32)[:, None] * inv_freq[None, :]  # (T, half) float32
+    angle = pos.astype(np.float32)[:, None] * _inv_freq(rotary_dims, theta)[None, :]  # (T, half) f32
     cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
     x1, x2 = x[..., :half], x[..., half:rotary_dims]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rotary_dims:]], axis=-1)
@@ -86,7 +91,7 @@ def rg_lru(c, pos, h0, w):
     """The Real-Gated Linear Recurrent Unit over a chunk; returns all h (T, R)."""
     gate_x = sigmoid(block_diagonal(c, w["input_gate_weight"], w["input_gate_bias"]))
     gate_a = sigmoid(block_diagonal(c, w["recurrent_gate_weight"], w["recurrent_gate_bias"]))
-    log_a = np.float32(-8.0) * gate_a * softplus(w["recurrent_param"])
+    log_a = np.float32(-8.0) * gate_a * w["softplus_recurrent_param"]
     a = np.exp(log_a)
     multiplier = np.sqrt(1.0 - np.exp(2.0 * log_a))  # as written in both references
     reset = pos == 0  # a new sequence: forget h and do not scale the input
@@ -158,10 +163,11 @@ class Griffin:
                 temporal={n[len(tb):].removeprefix("rg_lru."): a for n, a in lw.items() if n.startswith(tb)},
                 mlp={n[len("mlp_block."):]: a for n, a in lw.items() if n.startswith("mlp_block.")},
             ))
-            if kind != ATTENTION:  # HF conv weight (R, 1, K) -> taps (K, R)
+            if kind != ATTENTION:
                 t = self.layers[-1]["temporal"]
-                if t["conv_1d.weight"].ndim == 3:
+                if t["conv_1d.weight"].ndim == 3:  # HF conv weight (R, 1, K) -> taps (K, R)
                     t["conv_1d.weight"] = np.ascontiguousarray(t["conv_1d.weight"][:, 0, :].T)
+                t["softplus_recurrent_param"] = softplus(t["recurrent_param"])  # once, not per token
 
     def initial_state(self) -> State:
         """The state before the first token (position 0, all zeros)."""
