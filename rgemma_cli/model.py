@@ -36,18 +36,23 @@ def gelu_tanh(z):
 
 
 def sigmoid(z):
+    """1 / (1 + e^-z), as the references compute it."""
     with np.errstate(over="ignore"):  # exp(-z) = inf for very negative z gives the right 0
         return 1.0 / (1.0 + np.exp(-z))
 
 
 def softplus(z):
+    """log(1 + e^z), without overflow."""
     return np.logaddexp(np.float32(0.0), z)
 
 
 @functools.cache
 def _inv_freq(rotary_dims, theta):
+    # theta^(-2i/r) in float32, as both references compute it; cached, so read-only
     exponent = np.arange(0, rotary_dims, 2, dtype=np.float32) / np.float32(rotary_dims)
-    return (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
+    f = (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
+    f.setflags(write=False)
+    return f
 
 
 def rope(x, pos, rotary_dims, theta):
