@@ -151,6 +151,16 @@ def save_state(path: Path | None, session, model_name: str, quiet: bool = False)
               file=sys.stderr)
 
 
+def _check_save_path(path: Path | None) -> None:
+    """Refuse an impossible --save-state path before any work is done, not after."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise RgemmaError(f"cannot save state to {path}: it is a directory")
+    if not path.parent.is_dir():
+        raise RgemmaError(f"cannot save state to {path}: directory {path.parent} does not exist")
+
+
 def _read_prompt(prompt: str | None, allow_empty: bool) -> str:
     """The prompt argument, or stdin when it is omitted or '-'."""
     if prompt is not None and prompt != "-":
@@ -212,6 +222,7 @@ def generate(
     overrides = _sampler_overrides(max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                    min_p=min_p, repeat_penalty=repeat_penalty,
                                    repeat_last_n=repeat_last_n, seed=seed)
+    _check_save_path(save_state_path)
     text = _read_prompt(prompt, allow_empty=resume is not None)
     session = start_session(model, resume, chat, overrides, quiet)
     if text:
@@ -269,6 +280,7 @@ def chat(
     overrides = _sampler_overrides(max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                    min_p=min_p, repeat_penalty=repeat_penalty,
                                    repeat_last_n=repeat_last_n, seed=seed)
+    _check_save_path(save_state_path)
     from .chat import ChatUI
     session = start_session(model, resume, True, overrides)
     ChatUI(session, model_name=model, max_tokens=max_tokens, system=system,

@@ -230,3 +230,10 @@ def test_quantize_then_generate(tiny_base_dir, tmp_path):
     assert len(j["tokens"]) == 6
     assert "--bits must be 8 or 4" in error_of("quantize", tiny_base_dir, tmp_path / "q9", "--bits", 9)
     assert "already quantized" in error_of("quantize", out, tmp_path / "again")
+
+
+def test_impossible_save_path_fails_before_generating(tmp_path):
+    for args in (("generate", "hi"), ("chat",)):
+        msg = error_of(*args, "-m", "demo", "--save-state", tmp_path / "no" / "s.rgs")
+        assert "does not exist" in msg
+    assert "is a directory" in error_of("generate", "-m", "demo", "--save-state", tmp_path, "hi")
