@@ -32,6 +32,7 @@ import numpy as np
 from .config import ModelConfig
 from .errors import RgemmaError
 from .generation import Context, Session
+from .safetensors import write_atomic
 from .sampling import SamplerSettings
 from .state import AttentionState, State
 
@@ -41,18 +42,12 @@ _PREFIX = struct.Struct("<8sIIQ")  # magic, version, header CRC-32, header lengt
 
 
 def model_identity(model, tokenizer) -> dict:
-    """What a state belongs to: the weights and the tokenizer file. `digest` is the one value
-    compared on load.
-
-    The model fingerprint covers the config and tensor headers, which a base model and its
-    instruction-tuned sibling share; the values of the final norm (a few KB) tell them apart.
-    """
+    """What a state belongs to: the weights (`model.fingerprint`: config, tensor headers and the
+    values of the 1-D tensors, which tell a base model from its -it sibling) and the tokenizer
+    file. `digest` is the one value compared on load."""
     tok_hash = tokenizer.sha256 if tokenizer is not None else "none"
-    norm = np.ascontiguousarray(model.weights["model.final_norm.weight"], dtype="<f4")
-    values = hashlib.sha256(norm.tobytes()).hexdigest()
-    weights = hashlib.sha256(f"{model.fingerprint}:{values}".encode()).hexdigest()
-    digest = hashlib.sha256(f"{weights}:{tok_hash}".encode()).hexdigest()
-    return {"digest": digest, "weights": weights, "fingerprint": model.fingerprint,
+    digest = hashlib.sha256(f"{model.fingerprint}:{tok_hash}".encode()).hexdigest()
+    return {"digest": digest, "fingerprint": model.fingerprint,
             "tokenizer_sha256": tok_hash, "config": model.config.to_dict()}
 
 
@@ -123,41 +118,15 @@ def _refuse_foreign_overwrite(path: Path) -> None:
 
 
 def _atomic_write(path: Path, parts) -> None:
-    """Write to a temp file beside `path`, fsync, rename over it; clean up on any failure."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """`write_atomic`, with its failures as one-line errors that say the old file survived."""
     try:
-        if path.is_dir():
-            raise IsADirectoryError(21, "Is a directory")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            for part in parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, parts)
     except OSError as e:
-        _remove(tmp)
         raise RgemmaError(f"cannot save state to {path}: {e.strerror or e}; the previous file "
                           f"(if any) is unchanged") from None
     except KeyboardInterrupt:
-        _remove(tmp)
         raise RgemmaError(f"interrupted while saving {path}; the previous file (if any) is "
                           f"unchanged") from None
-    try:  # make the rename itself durable; not possible on every platform/filesystem
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
-def _remove(p: Path) -> None:
-    try:
-        p.unlink()
-    except OSError:
-        pass
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -244,7 +213,7 @@ def check_model(saved: Saved, model, tokenizer, path) -> None:
     if saved.model.get("digest") == mine["digest"]:
         return
     name = saved.model.get("name")
-    what = "tokenizer" if saved.model.get("weights") == mine["weights"] else "model"
+    what = "tokenizer" if saved.model.get("fingerprint") == mine["fingerprint"] else "model"
     hint = f"; resume it with -m {name}" if name else ""
     raise RgemmaError(f"{path} was saved with a different {what} ({name or 'unnamed'}, digest "
                       f"{str(saved.model.get('digest'))[:12]}){hint}")
