@@ -2,12 +2,17 @@
 
 # -- a tiny -it model directory with the test tokenizer (CLI, generation and state-file tests) --
 
-import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# scripts/ (synth.py: random HF-layout checkpoints) is importable from every test
+SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts"
+if str(SCRIPTS_DIR) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS_DIR))
 
 TEST_TOKENIZER = Path(__file__).parent / "fixtures/tokenizer/tokenizer.model"
 
@@ -24,17 +29,14 @@ def tiny_config(**changes):
 
 def write_tiny_model(directory: Path, seed: int = 0, **changes) -> Path:
     """Random weights (numpy only) + config.json + tokenizer.model in `directory`."""
+    import synth
     from rgemma_cli.checkpoint import expected_shapes
-    from rgemma_cli.safetensors import write_safetensors
     cfg = tiny_config(**changes)
     rng = np.random.default_rng(seed)
-    tensors = {}
-    for name, shape in expected_shapes(cfg).items():
-        # unit-variance weights: smaller ones make greedy decoding repeat one token forever
-        tensors[name] = rng.standard_normal(shape).astype(np.float32)
-    directory.mkdir(parents=True, exist_ok=True)
-    write_safetensors(directory / "model.safetensors", tensors)
-    (directory / "config.json").write_text(json.dumps(cfg.to_dict()))
+    # unit-variance weights: smaller ones make greedy decoding repeat one token forever
+    tensors = {name: rng.standard_normal(shape).astype(np.float32)
+               for name, shape in expected_shapes(cfg).items()}
+    synth.write_checkpoint(directory, cfg, tensors)
     shutil.copy(TEST_TOKENIZER, directory / "tokenizer.model")
     return directory
 
@@ -61,11 +63,6 @@ def tiny(tiny_model_dir):
 # -- parity: random HF checkpoints from scripts/synth.py, reference fixtures ------------------
 # (test_parity.py, test_reference_live.py; the fixtures come from scripts/make_fixtures.py)
 
-import sys  # noqa: E402
-
-SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts"
-if str(SCRIPTS_DIR) not in sys.path:
-    sys.path.insert(0, str(SCRIPTS_DIR))
 PARITY_FIXTURES = Path(__file__).parent / "fixtures"
 
 

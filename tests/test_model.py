@@ -4,8 +4,6 @@ Exactness against the references is in test_parity.py; these are the properties 
 configuration must have.
 """
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +13,7 @@ from rgemma_cli.config import ModelConfig
 from rgemma_cli.errors import RgemmaError
 from rgemma_cli.model import Griffin, rope, slot_positions
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import synth  # noqa: E402
+import synth  # scripts/, put on sys.path by conftest.py
 
 CFG = ModelConfig(vocab_size=50, hidden_size=24, intermediate_size=48, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8, num_hidden_layers=4, lru_width=16,
