@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ATTENTION, ModelConfig
+from .config import ATTENTION, ModelConfig, read_config_json
 from .errors import RgemmaError
 from .safetensors import SafetensorsFile, bf16_to_f32
 
@@ -108,7 +108,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _open_files(directory: Path) -> dict[str, SafetensorsFile]:
+def open_tensors(directory: Path) -> dict[str, SafetensorsFile]:
     """tensor name -> the file holding it, from the index or the single file."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
@@ -153,10 +153,11 @@ def load_weights(directory: str | Path):
     directory = Path(directory)
     if not directory.is_dir():
         raise RgemmaError(f"model directory not found: {directory}")
-    cfg = ModelConfig.from_json(directory / "config.json")
-    files = _open_files(directory)
+    config = read_config_json(directory / "config.json")
+    cfg = ModelConfig.from_dict(config)
+    files = open_tensors(directory)
     tensors = {name: f.tensor(name) for name, f in files.items() if name not in IGNORED}
-    quantization = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("quantization")
+    quantization = config.get("quantization")
     if quantization is not None:
         from .quantize import wrap_tensors
         tensors = wrap_tensors(tensors, {"quantization": quantization})

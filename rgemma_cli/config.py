@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -145,14 +145,7 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
         """Read a config.json file."""
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise RgemmaError(f"missing config.json in {path.parent}") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RgemmaError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_config_json(path))
 
     def to_dict(self) -> dict:
         """The config as a transformers-5.x style config.json dict."""
@@ -162,6 +155,17 @@ class ModelConfig:
                  attention_bias=False, hidden_activation="gelu_pytorch_tanh",
                  tie_word_embeddings=True)
         return d
+
+
+def read_config_json(path: str | Path) -> dict:
+    """The raw dict of a config.json (keys rgemma does not model, like `quantization`, kept)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RgemmaError(f"missing config.json in {path.parent}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RgemmaError(f"{path} is not valid JSON: {e}") from None
 
 
 PRESETS: dict[str, ModelConfig] = {

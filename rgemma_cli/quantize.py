@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import read_config_json
 from .errors import RgemmaError
 from .safetensors import SafetensorsFile, bf16_to_f32, write_safetensors
 
@@ -133,19 +134,6 @@ def _quantize_tensor(f: SafetensorsFile, name: str, bits: int) -> dict:
     return {name: np.concatenate(parts), name + SCALE_SUFFIX: np.concatenate(scales)}
 
 
-def _weight_files(src: Path) -> list[Path]:
-    index = src / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [src / n for n in sorted(set(weight_map.values()))]
-    if (src / "model.safetensors").exists():
-        return [src / "model.safetensors"]
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise RgemmaError(f"no safetensors weights in {src}")
-    return files
-
-
 def quantize_checkpoint(src_dir, out_dir, bits: int, *, embedding_bits: int | None = None,
                         shard_bytes: int = 2 << 30, progress=None) -> Path:
     """Write a quantized copy of the checkpoint in `src_dir` to `out_dir` and return out_dir.
@@ -161,17 +149,14 @@ def quantize_checkpoint(src_dir, out_dir, bits: int, *, embedding_bits: int | No
     if embedding_bits not in (4, 8, 16):
         raise RgemmaError(f"embedding bits must be 4, 8 or 16, got {embedding_bits}")
     src, out = Path(src_dir), Path(out_dir)
-    try:
-        config = json.loads((src / "config.json").read_text())
-    except FileNotFoundError:
-        raise RgemmaError(f"missing config.json in {src}") from None
+    config = read_config_json(src / "config.json")
     if "quantization" in config:
         raise RgemmaError(f"{src} is already quantized ({config['quantization']})")
     if out.resolve() == src.resolve():
         raise RgemmaError("the output directory must differ from the model directory")
     out.mkdir(parents=True, exist_ok=True)
-    files = [SafetensorsFile(p) for p in _weight_files(src)]
-    names = [(f, n) for f in files for n in f.keys() if n != "lm_head.weight"]
+    from .checkpoint import IGNORED, open_tensors  # (checkpoint imports this module lazily too)
+    names = [(f, n) for n, f in open_tensors(src).items() if n not in IGNORED]
 
     shards, pending, size = [], {}, 0
     dtypes = {}

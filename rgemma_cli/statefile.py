@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 import struct
 import zlib
 from dataclasses import dataclass
