@@ -148,7 +148,8 @@ def load_weights(directory: str | Path):
 
     Returns (config, weights, fingerprint): weights maps HF names to arrays; 2-D matrices stay
     memory-mapped in their stored dtype (bf16 as uint16 bits, or the int8 / 4-bit objects of
-    `quantize` for a quantized checkpoint), small tensors become float32.
+    `quantize` for a quantized checkpoint), and so do bf16 RG-LRU gate blocks; small tensors
+    become float32.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -180,7 +181,9 @@ def load_weights(directory: str | Path):
             if dtype not in ("F32", "BF16", "F16"):
                 raise RgemmaError(f"tensor {name} has dtype {dtype}; rgemma reads F32, BF16, F16 "
                                   f"and its own int8/4-bit checkpoints")
-            if not (name.endswith(".weight") and len(shape) == 2):  # small: keep as float32
+            matrix = name.endswith(".weight") and len(shape) == 2
+            gate_blocks = name.endswith("gate_weight") and dtype == "BF16"  # read per token too
+            if not (matrix or gate_blocks):  # small: keep as float32
                 a = bf16_to_f32(a) if dtype == "BF16" else np.array(a, dtype=np.float32)
         weights[name] = a
     return cfg, weights, fingerprint(cfg, files)

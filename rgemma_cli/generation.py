@@ -14,6 +14,8 @@ resuming reproduces an uninterrupted run token for token.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from dataclasses import dataclass, field, replace
 
@@ -21,7 +23,7 @@ import numpy as np
 
 from .errors import RgemmaError
 from .sampling import MAX_REPEAT_LAST_N, SamplerSettings, new_rng_state, sample
-from .state import State
+from .state import AttentionState, State
 from .tokenizer import END_OF_TURN, Tokenizer
 
 HISTORY_KEEP = MAX_REPEAT_LAST_N  # fed tokens remembered: the widest repeat-penalty window
@@ -71,21 +73,40 @@ class Generation:
 
 
 class Session:
-    """A model, its tokenizer, sampler settings and a `Context`; generation advances it."""
+    """A model, its tokenizer, sampler settings and a `Context`; generation advances it.
+
+    Decoding writes each new key/value into the state's ring in place instead of copying the
+    ring (`Griffin.forward(donate=True)`), but only while the state is the session's own: once
+    `ctx` has been read or set from outside, the next step copies, so a context anyone holds
+    keeps its meaning. Inside `generate`, the ring slots a step overwrites are saved first, so
+    `interrupt` can still go back to the last context shown.
+    """
 
     def __init__(self, model, tokenizer: Tokenizer, settings: SamplerSettings,
                  ctx: Context | None = None, *, mode: str = "raw", transcript=None):
         self.model, self.tokenizer = model, tokenizer
         self.settings = settings.with_seed()
-        self.ctx = ctx or Context(model.initial_state(), (), (), new_rng_state(self.settings.seed))
+        self._ctx = ctx or Context(model.initial_state(), (), (), new_rng_state(self.settings.seed))
+        self._shared = ctx is not None  # someone else may hold self._ctx: do not write into it
+        self._undo = None  # in `generate`: [(ring, slot, old rows)] written in place since `shown`
         self.mode = mode  # "chat" or "raw": how prompts are wrapped
         self.transcript = list(transcript or [])  # [{"role": "system"|"user"|"model", "content"}]
         self._rng = np.random.Generator(np.random.PCG64())
 
     @property
+    def ctx(self) -> Context:
+        """The current context. Reading it makes the next step leave its state untouched."""
+        self._shared = True
+        return self._ctx
+
+    @ctx.setter
+    def ctx(self, value: Context) -> None:
+        self._ctx, self._shared = value, True
+
+    @property
     def fresh(self) -> bool:
         """Nothing has been fed or queued yet."""
-        return self.ctx.tokens_seen == 0
+        return self._ctx.tokens_seen == 0
 
     def prompt_ids(self, text: str, system: str | None = None) -> list[int]:
         """The ids that append `text` as a prompt: a user turn in chat mode, plain text in raw
@@ -93,7 +114,7 @@ class Session:
         if self.mode == "chat":
             return self.tokenizer.chat_prompt(
                 text, system=system, first=self.fresh,
-                close_model_turn=self.ctx.pending[-1:] != (END_OF_TURN,))
+                close_model_turn=self._ctx.pending[-1:] != (END_OF_TURN,))
         return self.tokenizer.raw_prompt(text, bos=self.fresh)
 
     def user_turn(self, text: str, system: str | None = None) -> list[int]:
@@ -107,18 +128,26 @@ class Session:
 
     def feed(self, ids) -> None:
         """Queue tokens; they are run by the next step (or stay pending in a saved file)."""
-        self.ctx = replace(self.ctx, pending=self.ctx.pending + tuple(int(i) for i in ids))
+        self._ctx = replace(self._ctx, pending=self._ctx.pending + tuple(int(i) for i in ids))
 
     def step(self) -> int:
         """Feed the pending tokens, sample the next one; it becomes the only pending token."""
-        c = self.ctx
+        c = self._ctx
         if not c.pending:
             raise RgemmaError("nothing to continue from: give a prompt")
-        logits, state = self.model.forward(list(c.pending), c.state, last_only=True)
+        donate = not self._shared and len(c.pending) == 1 and _takes_donate(type(self.model))
+        if donate and self._undo is not None:  # keep what the new slot held, for `interrupt`
+            W = self.model.config.attention_window_size
+            slot = c.state.pos % W
+            self._undo += [(ring, slot, ring[slot].copy()) for layer in c.state.layers
+                           if isinstance(layer, AttentionState) for ring in (layer.k, layer.v)]
+        logits, state = self.model.forward(list(c.pending), c.state, last_only=True,
+                                           **({"donate": True} if donate else {}))
         recent = (c.recent + c.pending)[-HISTORY_KEEP:]
         self._rng.bit_generator.state = c.rng
         token = sample(logits[-1], self.settings, recent, self._rng)
-        self.ctx = Context(state, recent, (token,), self._rng.bit_generator.state)  # one store
+        self._ctx = Context(state, recent, (token,), self._rng.bit_generator.state)  # one store
+        self._shared = False
         return token
 
     def generate(self, prompt_ids=(), max_tokens: int = 256, *, stop_ids=None,
@@ -134,9 +163,9 @@ class Session:
             stop_ids = {self.tokenizer.eos_id} | ({END_OF_TURN} if self.mode == "chat" else set())
         # A pure continuation may start inside a character whose first bytes the previous call
         # held back: prime the decoder with the last tokens so it can complete it.
-        tail = () if len(prompt_ids) else (self.ctx.recent + self.ctx.pending)[-4:]
+        tail = () if len(prompt_ids) else (self._ctx.recent + self._ctx.pending)[-4:]
         self.feed(prompt_ids)
-        if max_tokens > 0 and not self.ctx.pending:
+        if max_tokens > 0 and not self._ctx.pending:
             raise RgemmaError("nothing to continue from: give a prompt")
         g = Generation()
         g._iter = self._run(g, max_tokens, frozenset(stop_ids), [s for s in stop_strings if s], tail)
@@ -147,8 +176,10 @@ class Session:
         context matches exactly what the user saw (also call it when the Ctrl-C landed outside
         the generator, e.g. while printing)."""
         if g.shown is not None and g.finish_reason in (None, "interrupted"):
-            dropped = self.ctx.tokens_seen - g.shown.tokens_seen
-            self.ctx = g.shown
+            dropped = self._ctx.tokens_seen - g.shown.tokens_seen
+            for ring, slot, rows in reversed(self._undo or ()):  # un-write steps since `shown`
+                ring[slot] = rows
+            self._ctx, self._undo = g.shown, []
             if dropped > 0:
                 del g.tokens[-dropped:]
         g.finish_reason = "interrupted"
@@ -161,8 +192,8 @@ class Session:
         out = 0  # chars of `text` already yielded
         # The last context whose every sampled token has been yielded as text. A Ctrl-C goes
         # back to it (see `interrupt`), so the state never holds tokens nobody saw.
-        g.shown = self.ctx
-        g.prompt_tokens = len(self.ctx.pending)
+        g.shown, self._undo = self._ctx, []
+        g.prompt_tokens = len(self._ctx.pending)
         t0 = time.perf_counter()
         try:
             while len(g.tokens) < max_tokens:
@@ -184,7 +215,7 @@ class Session:
                     break
                 safe = len(text) - _held_back(text, stops)
                 if safe == len(text) and not detok.holding:
-                    g.shown = self.ctx
+                    g.shown, self._undo = self._ctx, []
                 if safe > out:
                     piece, out = text[out:safe], safe
                     g.text += piece
@@ -195,9 +226,17 @@ class Session:
         except KeyboardInterrupt:
             self.interrupt(g)
             raise
+        finally:
+            self._undo = None
         if len(text) > out:
             g.text += text[out:]
             yield text[out:]
+
+
+@functools.cache
+def _takes_donate(model_type) -> bool:
+    """Whether the model's forward accepts `donate` (stand-in models in tests may not)."""
+    return "donate" in inspect.signature(model_type.forward).parameters
 
 
 def _find_stop(text: str, start: int, stops) -> int | None:

@@ -26,6 +26,7 @@ import numpy as np
 
 from . import matvec as kernels
 from .quantize import Int4Weight, Int8Weight
+from .safetensors import bf16_to_f32
 
 _BLOCK_BYTES = 32 << 20  # f32 bytes of weight rows per sgemm call (8 MB blocks ran at half speed)
 _STREAM_ROWS = 4  # up to this many rows: one matvec per row instead of widen + sgemm
@@ -79,12 +80,10 @@ def matvec(w, x: np.ndarray) -> np.ndarray:
         xc = np.empty_like(xs)
         kernels.quantize_groups_i8(x, w.group, xq, xs, xc)
         kernels.matvec_q4(w.packed, w.scale, xq, xs, xc, y)
-    elif w.dtype == np.uint16:
-        kernels.matvec_bf16(w, x, y)
     elif w.dtype == np.float16:
         kernels.matvec_f16(w.view(np.uint16), x, y)
-    else:
-        kernels.matvec_f32(np.ascontiguousarray(w, np.float32), x, y)
+    else:  # bf16 bits or f32
+        kernels.matvec(w if w.dtype == np.uint16 else np.ascontiguousarray(w, np.float32), x, y)
     return y
 
 
@@ -150,14 +149,17 @@ def embed(w, ids) -> np.ndarray:
 
 
 def block_diagonal(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """x (T, H*bw) through H independent blocks w (H, bw_in, bw_out) ([block, in, out], f32)
-    plus b (H, bw_out): the RG-LRU gates. One row streams w once in a parallel Numba kernel
-    (NumPy's batched matmul ran at ~9 GB/s there); more rows use the batched matmul."""
+    """x (T, H*bw) through H independent blocks w (H, bw_in, bw_out) ([block, in, out]; f32, or
+    bf16 bits as stored) plus b (H, bw_out): the RG-LRU gates. One row streams w once in a
+    parallel Numba kernel (NumPy's batched matmul ran at ~9 GB/s there); more rows widen w and
+    use the batched matmul."""
     H, n, m = w.shape
-    if x.shape[0] == 1 and w.dtype == np.float32 and w.flags.c_contiguous:
+    if x.shape[0] == 1 and w.dtype in (np.float32, np.uint16) and w.flags.c_contiguous:
+        blas_threads(1)
         y = np.empty((1, H * m), np.float32)
         kernels.block_diagonal_vec(np.ascontiguousarray(x[0], np.float32), w,
                                    np.ascontiguousarray(b, np.float32).reshape(H, m), y[0])
         return y
+    w = bf16_to_f32(w) if w.dtype == np.uint16 else np.asarray(w, np.float32)
     xb = x.reshape(x.shape[0], H, n).transpose(1, 0, 2)  # (H, T, bw)
     return (np.matmul(xb, w).transpose(1, 0, 2) + b.reshape(H, m)).reshape(x.shape[0], H * m)

@@ -25,9 +25,11 @@ CHUNK = 1024
 
 # -- elementwise pieces ------------------------------------------------------------------------
 
-def rms_norm(x, g, eps):
-    """x / sqrt(mean(x^2) + eps) * (1 + g); g is stored zero-centred."""
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)) * (1.0 + g)
+def rms_norm(x, scale, eps):
+    """x / sqrt(mean(x^2) + eps) * scale, where scale = 1 + g (g is stored zero-centred; the
+    model adds the 1 once at load)."""
+    mean_sq = np.add.reduce(x * x, axis=-1, keepdims=True) / np.float32(x.shape[-1])  # = np.mean
+    return x / np.sqrt(mean_sq + np.float32(eps)) * scale
 
 
 def gelu_tanh(z):
@@ -122,8 +124,10 @@ def slot_positions(n, window):
     return np.where(held >= 0, held, -1)
 
 
-def local_attention(x, pos, w, s: AttentionState, cfg: ModelConfig):
-    """Sliding-window multi-query attention: a query at p sees keys at p-W..p (official rule)."""
+def local_attention(x, pos, w, s: AttentionState, cfg: ModelConfig, donate: bool = False):
+    """Sliding-window multi-query attention: a query at p sees keys at p-W..p (official rule).
+
+    The new keys and values go into a copy of the ring, or into `s`'s own ring if `donate`."""
     T, H, hd, W = x.shape[0], cfg.num_attention_heads, cfg.head_dim, cfg.attention_window_size
     kvh = cfg.num_key_value_heads
     q = rope(linear(x, w["q_proj.weight"]).reshape(T, H, hd), pos, cfg.rotary_dims, cfg.rope_theta)
@@ -135,7 +139,7 @@ def local_attention(x, pos, w, s: AttentionState, cfg: ModelConfig):
                                  np.ascontiguousarray(v), W, 1.0 / math.sqrt(hd))
     out = linear(out.reshape(T, H * hd), w["o_proj.weight"], w["o_proj.bias"])
 
-    new_k, new_v = s.k.copy(), s.v.copy()
+    new_k, new_v = (s.k, s.v) if donate else (s.k.copy(), s.v.copy())
     last = slice(max(0, T - W), T)  # only the last W keys of a long chunk survive
     new_k[pos[last] % W] = k[last]
     new_v[pos[last] % W] = v[last]
@@ -155,7 +159,7 @@ class Griffin:
     def __post_init__(self):
         w = self.weights
         self.embed_tokens = w["model.embed_tokens.weight"]
-        self.final_norm = w["model.final_norm.weight"]
+        self.final_norm = 1.0 + w["model.final_norm.weight"]
         self.layers = []
         for i, kind in enumerate(self.config.layer_types):
             prefix = f"model.layers.{i}."
@@ -163,8 +167,8 @@ class Griffin:
             tb = "temporal_block."
             self.layers.append(dict(
                 kind=kind,
-                temporal_pre_norm=lw["temporal_pre_norm.weight"],
-                channel_pre_norm=lw["channel_pre_norm.weight"],
+                temporal_pre_norm=1.0 + lw["temporal_pre_norm.weight"],  # rms_norm scales
+                channel_pre_norm=1.0 + lw["channel_pre_norm.weight"],
                 temporal={n[len(tb):].removeprefix("rg_lru."): a for n, a in lw.items() if n.startswith(tb)},
                 mlp={n[len("mlp_block."):]: a for n, a in lw.items() if n.startswith("mlp_block.")},
             ))
@@ -178,12 +182,15 @@ class Griffin:
         """The state before the first token (position 0, all zeros)."""
         return State.zeros(self.config)
 
-    def forward(self, token_ids, state: State | None = None, *, last_only: bool = False):
+    def forward(self, token_ids, state: State | None = None, *, last_only: bool = False,
+                donate: bool = False):
         """Process `token_ids` on top of `state` (default: the initial state); returns
         (logits, new_state).
 
         logits are float32 (len(token_ids), vocab), or (1, vocab) for the last position only
-        when `last_only`. The input state is left untouched.
+        when `last_only`. The input state is left untouched, unless `donate`: then the new
+        state reuses its key/value rings, written in place (copying them costs ~5% of a 4-bit
+        2B token), and `state` must not be used again.
         """
         if state is None:
             state = self.initial_state()
@@ -197,12 +204,13 @@ class Griffin:
         for start in range(0, tokens.size, CHUNK):
             piece = tokens[start:start + CHUNK]
             want = not last_only or start + CHUNK >= tokens.size
-            out, state = self._forward_chunk(piece, state, last_only=last_only, logits=want)
+            out, state = self._forward_chunk(piece, state, last_only=last_only, logits=want,
+                                             donate=donate or start > 0)
             if want:
                 logits.append(out)
         return np.concatenate(logits), state
 
-    def _forward_chunk(self, tokens, state, *, last_only, logits):
+    def _forward_chunk(self, tokens, state, *, last_only, logits, donate):
         cfg = self.config
         pos = state.pos + np.arange(tokens.size, dtype=np.int64)
         x = embed(self.embed_tokens, tokens) * np.float32(cfg.embed_scale)
@@ -210,7 +218,7 @@ class Griffin:
         for layer, s in zip(self.layers, state.layers):
             xn = rms_norm(x, layer["temporal_pre_norm"], cfg.rms_norm_eps)
             if layer["kind"] == ATTENTION:
-                o, s = local_attention(xn, pos, layer["temporal"], s, cfg)
+                o, s = local_attention(xn, pos, layer["temporal"], s, cfg, donate)
             else:
                 o, s = recurrent_block(xn, pos, layer["temporal"], s)
             new_layers.append(s)

@@ -53,6 +53,8 @@ def test_bf16_stays_bf16_and_memory_mapped(tmp_path, weights):
     emb = model.weights["model.embed_tokens.weight"]
     assert emb.dtype == np.uint16 and not emb.flags.owndata and not emb.flags.writeable
     assert model.weights["model.final_norm.weight"].dtype == np.float32
+    gates = [a for n, a in model.weights.items() if n.endswith("gate_weight")]  # read per token
+    assert gates and all(g.dtype == np.uint16 and not g.flags.owndata for g in gates)
     # The same model as f32 weights rounded to bf16.
     rounded = {k: bf16_to_f32(f32_to_bf16(v)) for k, v in weights.items()}
     assert np.abs(logits_of(d) - logits_of(write(tmp_path / "r", rounded))).max() < 1e-5

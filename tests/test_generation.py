@@ -14,20 +14,26 @@ SAMPLED = SamplerSettings(temperature=1.0, top_k=0, top_p=0.9, min_p=0.0, seed=1
 
 class Rigged:
     """Wraps a model: forces token `force[pos]` after `pos` tokens were fed; can raise
-    KeyboardInterrupt on the n-th forward call (as a Ctrl-C would)."""
+    KeyboardInterrupt on the n-th forward call (as a Ctrl-C would), before the model runs or
+    (`interrupt_after`) after it wrote the new state (in place, when the session donated it)."""
 
-    def __init__(self, model, force=None, interrupt_at=None):
-        self.model, self.force, self.interrupt_at, self.calls = model, force or {}, interrupt_at, 0
+    def __init__(self, model, force=None, interrupt_at=None, interrupt_after=None):
+        self.model, self.force, self.calls = model, force or {}, 0
+        self.interrupt_at, self.interrupt_after = interrupt_at, interrupt_after
         self.config, self.fingerprint = model.config, model.fingerprint
+        self.donated = 0
 
     def initial_state(self):
         return self.model.initial_state()
 
-    def forward(self, ids, state, *, last_only=False):
+    def forward(self, ids, state, *, last_only=False, donate=False):
         self.calls += 1
         if self.calls == self.interrupt_at:
             raise KeyboardInterrupt
-        logits, new = self.model.forward(ids, state, last_only=last_only)
+        logits, new = self.model.forward(ids, state, last_only=last_only, donate=donate)
+        self.donated += donate
+        if self.calls == self.interrupt_after:
+            raise KeyboardInterrupt
         if new.pos in self.force:
             logits = logits.copy()
             logits[-1, self.force[new.pos]] = 100.0
@@ -147,6 +153,44 @@ def test_ctrl_c_leaves_a_consistent_context(tiny, settings):
     rest = run(s, (), 20 - k)
     assert rest.tokens == whole.tokens[k:]  # continuing after Ctrl-C loses nothing
     assert "".join(shown) + rest.text == whole.text
+
+
+@pytest.mark.parametrize("after", [5, 6, 7, 8, 9])
+def test_ctrl_c_undoes_in_place_steps_since_the_last_shown_text(tiny, after):
+    # Decoding writes keys into the state's ring in place; a Ctrl-C while a character's bytes
+    # are still held back must still leave exactly the state of the tokens shown.
+    model, tok = tiny
+    ids = tok.encode("x 日本語")  # 日本語: three byte pieces each, held back until complete
+    prompt = tok.raw_prompt("ab")
+    force = {len(prompt) + i: t for i, t in enumerate(ids)}
+    whole = run(Session(Rigged(model, force), tok, GREEDY), prompt, len(ids) + 4)
+    rigged = Rigged(model, force, interrupt_after=after)
+    s = Session(rigged, tok, GREEDY)
+    pieces = []
+    with pytest.raises(KeyboardInterrupt):
+        for piece in s.generate(prompt, len(ids) + 4):
+            pieces.append(piece)
+    assert rigged.donated >= 2  # the steps ran in place
+    c = s.ctx
+    k = c.tokens_seen - len(prompt)  # sampled tokens kept
+    assert tok.decode(whole.tokens[:k]) == "".join(pieces)
+    _, expect = model.forward(prompt)  # the same steps as the session, without writing in place
+    for t in whole.tokens[:k - 1]:
+        _, expect = model.forward([t], expect)
+    assert c.state == expect and c.pending == (whole.tokens[k - 1],)
+    rigged.interrupt_after = None
+    rest = run(s, (), len(ids) + 4 - k)
+    assert whole.tokens == whole.tokens[:k] + rest.tokens
+
+
+def test_a_context_read_from_outside_is_never_written(tiny):
+    model, tok = tiny
+    s = Session(model, tok, GREEDY)
+    run(s, tok.raw_prompt("Once upon a time"), 3)
+    kept = s.ctx  # e.g. a chat snapshot for /undo
+    before = kept.state.copy()
+    run(s, (), 12)  # more steps than the window (8): every ring slot is rewritten
+    assert kept.state == before
 
 
 def test_repeat_penalty_window_spans_the_prompt(tiny):

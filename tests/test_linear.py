@@ -109,10 +109,14 @@ def test_prefill_blocks_cover_all_rows(monkeypatch):
 
 
 @pytest.mark.parametrize("t", [1, 5])
-def test_block_diagonal_matches_numpy(t):
+@pytest.mark.parametrize("stored", ["f32", "bf16"])
+def test_block_diagonal_matches_numpy(t, stored):
     H, bw = 3, 40
     w = _w(H * bw, bw).reshape(H, bw, bw)
+    if stored == "bf16":  # gate blocks stay bf16 bits, as memory-mapped from the checkpoint
+        w, bits = bf16_to_f32(f32_to_bf16(w)), f32_to_bf16(w)
     b = rng.standard_normal((H, bw)).astype(np.float32)
     x = _x(t, H * bw)
     ref = np.concatenate([x[:, h * bw:(h + 1) * bw] @ w[h] + b[h] for h in range(H)], axis=1)
-    np.testing.assert_allclose(L.block_diagonal(x, w, b), ref, rtol=1e-5, atol=1e-5)
+    got = L.block_diagonal(x, bits if stored == "bf16" else w, b)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)

@@ -51,6 +51,20 @@ def test_input_state_is_never_mutated(model):
     assert np.array_equal(a, b) and sa == sb
 
 
+@pytest.mark.parametrize("sizes", [[1] * 14, [3, 1, 6, 1, 1, 1, 1], [9, 5]])
+def test_donated_state_gives_the_same_result(model, sizes):
+    _, mine = model.forward(SEQ[:9])
+    _, ref = model.forward(SEQ[:9])
+    at = 9
+    for n in sizes:  # steps past the window (5): every ring slot is written in place
+        rings = [(l.k, l.v) for l in mine.layers if hasattr(l, "k")]
+        got, mine = model.forward(SEQ[at:at + n], mine, donate=True)
+        want, ref = model.forward(SEQ[at:at + n], ref)
+        assert np.array_equal(got, want) and mine == ref
+        assert [(l.k, l.v) for l in mine.layers if hasattr(l, "k")] == rings  # same arrays
+        at += n
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.integers(1, 23), min_size=1, max_size=23))
 def test_any_chunking_gives_the_same_logits(model, full, cuts):
