@@ -135,7 +135,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer rounds and tokens (a smoke run)")
     ap.add_argument("--skip-9b", action="store_true", help="skip the 9B-shaped checkpoint (17 GB)")
     ap.add_argument("--skip-transformers", action="store_true")
-    ap.add_argument("--only", help="comma-separated phases to run (kernels,decode,prefill,transformers,quality,elementwise,startup,9b); "
+    ap.add_argument("--only", help="comma-separated phases to run (kernels,decode,versus,prefill,transformers,quality,elementwise,startup,9b); "
                                    "the others are kept from the previous results.json")
     a = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -161,6 +161,10 @@ def main():
         log("decode: bf16 / int8 / 4-bit interleaved with bandwidth probes; positions 128..32k")
         R["decode"] = worker("decode", {"models": models, "rounds": rounds, "tokens": tokens,
                                         "position_model": "bf16"})
+    if want("versus") and not a.skip_transformers:
+        log("versus: rgemma and transformers' bf16 decode alternating round by round, one process")
+        R["versus"] = worker("versus", {"reference": models["bf16"], "models": models,
+                                        "rounds": 3 if a.quick else 10, "tokens": tokens})
     if want("prefill"):
         # OPENBLAS_CORETYPE: as this environment sets it, unset (OpenBLAS picks the AVX-512
         # kernel), and Haswell (what these machines set) when the environment leaves it unset

@@ -112,21 +112,55 @@ def prompt(model, n, seed=0):
 
 
 def decode_steps(model, state, n, tok=5):
-    """Decode n tokens greedily from state; returns (walls, cpus, state)."""
+    """Decode n tokens greedily from state, which is consumed: keys go into its ring in place,
+    as `Session` decodes. Returns (walls, cpus, state)."""
     walls, cpus = [], []
     for _ in range(n):
-        (logits, state), w, c = timed(lambda: model.forward([tok], state))
+        (logits, state), w, c = timed(lambda: model.forward([tok], state, donate=True))
         tok = int(logits[0].argmax())
         walls.append(w)
         cpus.append(c)
     return walls, cpus, state
 
 
+def kernel_share(model, state, n) -> tuple[dict, object]:
+    """Where a decoded token's time goes: seconds per token inside the weight-streaming kernels
+    (matvec of every format, the RG-LRU gate blocks, activation quantization) against the whole
+    step, by timing those kernels through wrappers for n tokens. Returns (shares, state)."""
+    from rgemma_cli import matvec
+    names = ["matvec", "matvec_f16", "matvec_i8", "matvec_q4", "block_diagonal_vec",
+             "quantize_i16", "quantize_groups_i8"]
+    spent = dict.fromkeys(names, 0.0)
+    originals = {k: getattr(matvec, k) for k in names}
+
+    def timer(k, f):
+        def run(*a):
+            t0 = time.perf_counter()
+            r = f(*a)
+            spent[k] += time.perf_counter() - t0
+            return r
+        return run
+
+    for k, f in originals.items():
+        setattr(matvec, k, timer(k, f))
+    try:
+        walls, _, state = decode_steps(model, state, n)
+    finally:
+        for k, f in originals.items():
+            setattr(matvec, k, f)
+    total = sum(walls)
+    share = {"token_ms": 1e3 * total / n,
+             "weights_ms": 1e3 * sum(spent[k] for k in names[:5]) / n,
+             "quantize_ms": 1e3 * (spent["quantize_i16"] + spent["quantize_groups_i8"]) / n}
+    share["other_ms"] = share["token_ms"] - share["weights_ms"] - share["quantize_ms"]
+    return share, state
+
+
 def at_position(state, pos):
     """The same state moved to position `pos` (must equal state.pos modulo the window, so the
     ring buffer of keys keeps its layout). The work of a decode step depends on the position
     only through how full the window is, so this times decoding at `pos` exactly."""
-    return dataclasses.replace(state, pos=pos)
+    return dataclasses.replace(state.copy(), pos=pos)
 
 
 # -- workers ---------------------------------------------------------------------------------------
@@ -151,6 +185,8 @@ def w_decode(args) -> dict:
             out["variants"][v]["cpus"] += cpus
     for v in out["variants"].values():
         v.update(stats(v["walls"], v["cpus"]))
+    for v, m in models.items():
+        out["variants"][v]["share"], states[v] = kernel_share(m, states[v], args["tokens"])
 
     # decode rate at positions of one generation: a real 128-token and 2048-token prefill; 4096
     # and 32768 are the 2048-token state advanced by whole windows (see `at_position`)
@@ -163,7 +199,7 @@ def w_decode(args) -> dict:
     samples = {p: ([], []) for p in pos_states}
     for r in range(args["rounds"]):
         for p in pos_states:
-            walls, cpus, _ = decode_steps(m, pos_states[p], args["tokens"])
+            walls, cpus, _ = decode_steps(m, pos_states[p].copy(), args["tokens"])
             samples[p][0].extend(walls)
             samples[p][1].extend(cpus)
     out["positions"] = {str(p): stats(*samples[p]) for p in samples}
@@ -265,6 +301,46 @@ def w_transformers(args) -> dict:
             out["lengths"][str(L)] = {"prefill_tok_s": L / (t1 - t0), "prefill_cpu_per_wall": (c1 - c0) / (t1 - t0),
                                       "decode": stats(walls, cpus)}
     out["memory"] = {"peak_private_gb": peak.private, "peak_file_gb": peak.file, **memory()}
+    return out
+
+
+def w_versus(args) -> dict:
+    """rgemma against transformers' bf16 decode, alternating round by round in one process (so
+    each ratio compares rates measured seconds apart). Each library's thread pool is left idle
+    for a moment before the other's turn, so that neither spins on the cores the other needs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from rgemma_cli import load
+    torch.set_num_threads(2)
+    hf = AutoModelForCausalLM.from_pretrained(args["reference"], dtype=torch.bfloat16).eval()
+    ours = {v: load(p)[0] for v, p in args["models"].items()}
+    states = {v: decode_steps(m, m.forward(prompt(m, 16), last_only=True)[1], 2)[2] for v, m in ours.items()}
+    ids = torch.tensor(prompt(ours[next(iter(ours))], 64, 4)[None])
+    n = args["tokens"]
+    rounds = {"transformers": []} | {v: [] for v in ours}
+
+    def hf_round():
+        clock = []
+        streamer = type("Clock", (), {"put": lambda self, v: clock.append(time.perf_counter()),
+                                      "end": lambda self: None})()
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n + 1,
+                        min_new_tokens=n + 1, do_sample=False, streamer=streamer)
+        return [b - a for a, b in zip(clock[1:], clock[2:])]  # clock[0]: the prompt
+
+    hf_round()  # warm up
+    for _ in range(args["rounds"]):
+        time.sleep(0.5)
+        rounds["transformers"].append(hf_round())
+        for v, m in ours.items():
+            time.sleep(0.5)
+            walls, _, states[v] = decode_steps(m, states[v], n)
+            rounds[v].append(walls)
+    out = {"tokens_per_round": n, "rounds": rounds, "transformers": stats(sum(rounds["transformers"], []))}
+    for v in ours:
+        ratios = [np.median(h) / np.median(r) for h, r in zip(rounds["transformers"], rounds[v])]
+        out[v] = {**stats(sum(rounds[v], [])), "ratio_median": float(np.median(ratios)),
+                  "ratio_min": float(np.min(ratios)), "ratio_max": float(np.max(ratios))}
     return out
 
 
@@ -412,7 +488,7 @@ def w_elementwise(args) -> dict:
 
 
 WORKERS = {"kernels": w_kernels, "decode": w_decode, "prefill": w_prefill, "transformers": w_transformers,
-           "quality": w_quality, "big": w_big, "startup": w_startup, "elementwise": w_elementwise}
+           "versus": w_versus, "quality": w_quality, "big": w_big, "startup": w_startup, "elementwise": w_elementwise}
 
 if __name__ == "__main__":
     result = WORKERS[sys.argv[1]](json.loads(sys.argv[2]))
