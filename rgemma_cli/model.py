@@ -57,6 +57,16 @@ def _inv_freq(rotary_dims, theta):
     return f
 
 
+@functools.lru_cache(maxsize=4)  # every attention layer of a chunk, queries and keys, shares them
+def _rope_cos_sin(pos_bytes, rotary_dims, theta):
+    pos = np.frombuffer(pos_bytes, dtype=np.int64)
+    angle = pos.astype(np.float32)[:, None] * _inv_freq(rotary_dims, theta)[None, :]  # (T, half) f32
+    cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
+    cos.setflags(write=False)
+    sin.setflags(write=False)
+    return cos, sin
+
+
 def rope(x, pos, rotary_dims, theta):
     """Rotate the first `rotary_dims` dims of each head (pairing i with i + rotary_dims/2).
 
@@ -65,8 +75,7 @@ def rope(x, pos, rotary_dims, theta):
     half = rotary_dims // 2
     if half == 0:
         return x
-    angle = pos.astype(np.float32)[:, None] * _inv_freq(rotary_dims, theta)[None, :]  # (T, half) f32
-    cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
+    cos, sin = _rope_cos_sin(np.asarray(pos, dtype=np.int64).tobytes(), rotary_dims, theta)
     x1, x2 = x[..., :half], x[..., half:rotary_dims]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rotary_dims:]], axis=-1)
 
@@ -117,11 +126,15 @@ def recurrent_block(x, pos, w, s: RecurrentState):
     return out, RecurrentState(h[-1].copy(), np.ascontiguousarray(conv, dtype=np.float32))
 
 
+@functools.lru_cache(maxsize=4)  # the same for every attention layer of a chunk
 def slot_positions(n, window):
-    """Position held by each ring slot after n tokens (-1 where the slot is still empty)."""
+    """Position held by each ring slot after n tokens (-1 where the slot is still empty);
+    a read-only array."""
     slots = np.arange(window)
     held = slots + ((n - 1 - slots) // window) * window
-    return np.where(held >= 0, held, -1)
+    held = np.where(held >= 0, held, -1)
+    held.setflags(write=False)
+    return held
 
 
 def local_attention(x, pos, w, s: AttentionState, cfg: ModelConfig, donate: bool = False):
