@@ -97,6 +97,8 @@ class Session:
     def ctx(self) -> Context:
         """The current context. Reading it makes the next step leave its state untouched."""
         self._shared = True
+        if self._undo:  # its rings may still be rolled back by `interrupt`: hand out a copy
+            return replace(self._ctx, state=self._ctx.state.copy())
         return self._ctx
 
     @ctx.setter

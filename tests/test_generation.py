@@ -183,6 +183,36 @@ def test_ctrl_c_undoes_in_place_steps_since_the_last_shown_text(tiny, after):
     assert whole.tokens == whole.tokens[:k] + rest.tokens
 
 
+def test_a_context_read_while_text_is_held_back_survives_a_ctrl_c(tiny):
+    # Read the context right after a step that wrote in place while a character is still held
+    # back (the rollback point is older); a later Ctrl-C must not change what was handed out.
+    model, tok = tiny
+    ids = tok.encode("x 日本語")
+    prompt = tok.raw_prompt("ab")
+    force = {len(prompt) + i: t for i, t in enumerate(ids)}
+    plain = Session(Rigged(model, force, interrupt_after=8), tok, GREEDY)
+    with pytest.raises(KeyboardInterrupt):
+        list(plain.generate(prompt, len(ids) + 4))
+    rigged = Rigged(model, force, interrupt_after=8)
+    s = Session(rigged, tok, GREEDY)
+    seen = []
+    real_step = s.step
+
+    def step_and_look():
+        token = real_step()
+        if rigged.calls == 6:  # 本's first byte was just sampled, after an in-place step
+            assert rigged.donated >= 4
+            seen.append((s.ctx, s.ctx.state.copy()))
+        return token
+
+    s.step = step_and_look
+    with pytest.raises(KeyboardInterrupt):
+        list(s.generate(prompt, len(ids) + 4))
+    assert s.ctx.state == plain.ctx.state  # the same rollback as without the look
+    (c, snapshot), = seen
+    assert c.state == snapshot  # and it touched nothing handed out
+
+
 def test_a_context_read_from_outside_is_never_written(tiny):
     model, tok = tiny
     s = Session(model, tok, GREEDY)
