@@ -35,11 +35,14 @@ def derived(R) -> dict:
         d["bw_cpu"] = float(np.mean([b["cpu_per_wall"] for b in dec["bandwidth"]]))
         for v, r in dec["variants"].items():
             ceiling = d["bw"] * 1e9 / r["bytes_per_token"]
-            d[v] = {"ceiling": ceiling, "best_frac": r["best"] / ceiling, "median_frac": r["median"] / ceiling}
+            # each token against the bandwidth probed just before it: a slow stretch of the
+            # shared machine lowers both
+            fr = [r["bytes_per_token"] / 1e9 / wall / bw for wall, bw in zip(r["walls"], r["probes"])]
+            d[v] = {"ceiling": ceiling, "best_frac": max(fr), "median_frac": float(np.median(fr))}
         pos = dec["positions"]
         if "128" in pos and "32768" in pos:
-            d["flat_best"] = pos["32768"]["best"] / pos["128"]["best"]
-            d["flat_median"] = pos["32768"]["median"] / pos["128"]["median"]
+            fl = [a / b for a, b in zip(pos["32768"]["round_tok_s"], pos["128"]["round_tok_s"])]
+            d["flat_median"], d["flat_min"], d["flat_max"] = float(np.median(fl)), min(fl), max(fl)
     vs = R.get("versus", {})
     if "transformers" in vs:
         d["vs"] = {v: r["ratio_median"] for v, r in vs.items() if isinstance(r, dict) and "ratio_median" in r}
@@ -138,11 +141,15 @@ def write_report(R, doc: Path, png: Path):
         w(f"Read bandwidth (vectorised Numba read of 1 GiB, 2 threads, probed before every round): "
           f"median of the round bests **{_f(d['bw'], 1)} GB/s**, best {_f(d['bw_best'], 1)}, "
           f"CPU/wall {_f(d['bw_cpu'])}. Ceiling = that bandwidth / bytes of weights read per token.\n")
-        _head(w, 'weights', 'GB read / token', 'tok/s best', 'tok/s median', 'ceiling tok/s', 'best / ceiling', 'median / ceiling', 'CPU/wall', 'vs transformers (paired)')
+        w("Fraction of the ceiling: each token's rate against a read of the probe array (1 GiB, "
+          "~25 ms) just before that token, so that both see the same state of the shared memory "
+          "bus; the median and the best over tokens. (The 'ceiling tok/s' column uses the median "
+          "of the round probes.)\n")
+        _head(w, 'weights', 'GB read / token', 'tok/s best', 'tok/s median', 'ceiling tok/s', 'fraction of ceiling: median', 'best token', 'CPU/wall', 'vs transformers (paired)')
         for v, r in dec["variants"].items():
             vs = f"{d['vs'][v]:.2f}x" if v in d.get("vs", {}) else "—"
             w(f"| {v} | {r['bytes_per_token'] / 1e9:.2f} | {_f(r['best'])} | {_f(r['median'])} | "
-              f"{_f(d[v]['ceiling'])} | {_f(d[v]['best_frac'])} | {_f(d[v]['median_frac'])} | "
+              f"{_f(d[v]['ceiling'])} | {_f(d[v]['median_frac'])} | {_f(d[v]['best_frac'])} | "
               f"{_f(r['cpu_per_wall'])} | {vs} |")
         w("")
         w("4-bit: groups of 64 with f32 scales (4.5 bits per weight); its tied embedding / output "
@@ -163,8 +170,9 @@ def write_report(R, doc: Path, png: Path):
           "(full from 2048 on: RG-LRU state is fixed-size, attention reads at most 2048 keys), so "
           "this times decoding at those positions without decoding 32k tokens first. Positions are "
           "interleaved round by round.\n")
-        if "flat_best" in d:
-            w(f"32k / 128 decode rate: {_f(d['flat_best'], 3)} (best), {_f(d['flat_median'], 3)} (median).\n")
+        if "flat_median" in d:
+            w(f"32k / 128 decode rate, round by round: median {_f(d['flat_median'], 3)} (from "
+              f"{_f(d['flat_min'], 3)} to {_f(d['flat_max'], 3)}).\n")
 
     pre = R.get("prefill", {})
     if pre:
@@ -258,11 +266,11 @@ def write_report(R, doc: Path, png: Path):
     targets = []
     vs = d.get("vs", {})
     if "bf16" in d:
-        targets.append(("bf16 decode >= 0.85 of the bandwidth ceiling", f"{_f(d['bf16']['best_frac'])} best, {_f(d['bf16']['median_frac'])} median", d["bf16"]["best_frac"] >= 0.85))
+        targets.append(("bf16 decode >= 0.85 of the bandwidth ceiling", f"{_f(d['bf16']['median_frac'])} (median token; best {_f(d['bf16']['best_frac'])})", d["bf16"]["median_frac"] >= 0.85))
     if "bf16" in vs:
         targets.append(("bf16 decode >= 2x transformers (paired rounds)", f"{vs['bf16']:.2f}x", vs["bf16"] >= 2))
     if "int8" in d:
-        targets.append(("int8 decode >= 0.85 of its ceiling", f"{_f(d['int8']['best_frac'])} best, {_f(d['int8']['median_frac'])} median", d["int8"]["best_frac"] >= 0.85))
+        targets.append(("int8 decode >= 0.85 of its ceiling", f"{_f(d['int8']['median_frac'])} (median token; best {_f(d['int8']['best_frac'])})", d["int8"]["median_frac"] >= 0.85))
     if "q4" in vs:
         extra = f" (4-bit head too: {vs['q4-emb4']:.2f}x)" if "q4-emb4" in vs else ""
         targets.append(("4-bit decode >= 6x transformers' bf16 (paired rounds)", f"{vs['q4']:.2f}x{extra}", vs["q4"] >= 6))
@@ -270,8 +278,8 @@ def write_report(R, doc: Path, png: Path):
     if fr:
         targets.append(("prefill >= 0.7 of the sgemm peak (same process)", ", ".join(
             f"{k}: {_f(r['prefill']['fraction_of_sgemm_peak'])}" for k, r in pre.items() if "prefill" in r), min(fr) >= 0.7))
-    if "flat_best" in d:
-        targets.append(("decode at 32k within 5% of decode at 128", f"{_f(d['flat_best'], 3)} best, {_f(d['flat_median'], 3)} median", abs(1 - d["flat_best"]) <= 0.05))
+    if "flat_median" in d:
+        targets.append(("decode at 32k within 5% of decode at 128", f"{_f(d['flat_median'], 3)} (median of paired rounds)", abs(1 - d["flat_median"]) <= 0.05))
     if mem:
         targets.append(("private RSS < 0.5 GB for the 2B", f"{_f(mem['peak_private_gb'])} GB", mem["peak_private_gb"] < 0.5))
     if targets:
@@ -333,6 +341,12 @@ def write_report(R, doc: Path, png: Path):
       "FMA peak of 2 cores; torch's bf16 matmul reaches more FLOP/s than that peak here (prefill "
       "tok/s x FLOPs per token in the transformers table), most likely with the CPU's AVX512-BF16 "
       "dot products. So transformers prefills faster although rgemma is at ~0.8 of sgemm.")
+    w("- The shared machine's memory bus changes state over minutes: the same 1 GiB read probe "
+      "gives ~33-36 GB/s in some stretches and ~50-58 GB/s in others, and a 2B bf16 token takes "
+      "from ~120 to ~200 ms accordingly. That is why every fraction pairs each token with a "
+      "probe taken just before it, and every comparison with transformers alternates rounds. "
+      "In the fast stretches the fraction of the probe drops (the kernels and the fixed cost "
+      "do not speed up with the bus), so a run's figures depend on the mix of stretches it met.")
     w("- Every 2-thread figure needs both cores free: with one core taken by another process the "
       "parallel kernels wait at each of the ~165 barriers per token (CPU/wall near 1.0 flags it).\n")
     if plot(R, png):

@@ -96,6 +96,14 @@ def read_bandwidth(reps=5, gb=1.0) -> dict:
     return stats([s[1] for s in samples], [s[2] for s in samples], unit=a.nbytes / 1e9)
 
 
+def read_once() -> float:
+    """GB/s of one read of the `read_bandwidth` array (~25 ms): a probe to pair with one token."""
+    if _BW is None:
+        read_bandwidth(1)
+    a, out = _BW
+    return a.nbytes / 1e9 / timed(lambda: _read_rows(a, out))[1]
+
+
 def weight_bytes(model) -> int:
     """Bytes read per decoded token: every weight once (the tied embedding as the output head)."""
     return int(sum(w.nbytes for w in model.weights.values()))
@@ -111,11 +119,14 @@ def prompt(model, n, seed=0):
     return np.random.default_rng(seed).integers(3, model.config.vocab_size, n)
 
 
-def decode_steps(model, state, n, tok=5):
+def decode_steps(model, state, n, tok=5, probes=None):
     """Decode n tokens greedily from state, which is consumed: keys go into its ring in place,
-    as `Session` decodes. Returns (walls, cpus, state)."""
+    as `Session` decodes. Returns (walls, cpus, state). With a list `probes`, the read bandwidth
+    is measured just before each token and appended to it (GB/s)."""
     walls, cpus = [], []
     for _ in range(n):
+        if probes is not None:
+            probes.append(read_once())
         (logits, state), w, c = timed(lambda: model.forward([tok], state, donate=True))
         tok = int(logits[0].argmax())
         walls.append(w)
@@ -176,11 +187,13 @@ def w_decode(args) -> dict:
     for v, m in models.items():
         s = m.forward(prompt(m, 16), m.initial_state(), last_only=True)[1]
         _, _, states[v] = decode_steps(m, s, 2)  # compile + fault the pages in
-        out["variants"][v] = {"bytes_per_token": weight_bytes(m), "walls": [], "cpus": []}
+        out["variants"][v] = {"bytes_per_token": weight_bytes(m), "walls": [], "cpus": [],
+                              "probes": []}
     for r in range(args["rounds"]):
         out["bandwidth"].append(read_bandwidth(3))
         for v, m in models.items():
-            walls, cpus, states[v] = decode_steps(m, states[v], args["tokens"])
+            walls, cpus, states[v] = decode_steps(m, states[v], args["tokens"],
+                                                  probes=out["variants"][v]["probes"])
             out["variants"][v]["walls"] += walls
             out["variants"][v]["cpus"] += cpus
     for v in out["variants"].values():
@@ -196,13 +209,14 @@ def w_decode(args) -> dict:
     (_, s2k), wall, cpu = timed(lambda: m.forward(prompt(m, W, 2), m.initial_state(), last_only=True))
     out["long_prefill"] = {"tokens": W, "tok_s": W / wall, "cpu_per_wall": cpu / wall}
     pos_states = {128: s128, W: s2k, 2 * W: at_position(s2k, 2 * W), 16 * W: at_position(s2k, 16 * W)}
-    samples = {p: ([], []) for p in pos_states}
-    for r in range(args["rounds"]):
+    samples = {p: ([], [], []) for p in pos_states}
+    for r in range(args["rounds"] + 2):
         for p in pos_states:
             walls, cpus, _ = decode_steps(m, pos_states[p].copy(), args["tokens"])
             samples[p][0].extend(walls)
             samples[p][1].extend(cpus)
-    out["positions"] = {str(p): stats(*samples[p]) for p in samples}
+            samples[p][2].append(1 / float(np.median(walls)))
+    out["positions"] = {str(p): {**stats(w, c), "round_tok_s": t} for p, (w, c, t) in samples.items()}
     return out
 
 
