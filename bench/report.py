@@ -49,11 +49,6 @@ def derived(R) -> dict:
     vs = R.get("versus", {})
     if "transformers" in vs:
         d["vs"] = {v: r["ratio_median"] for v, r in vs.items() if isinstance(r, dict) and "ratio_median" in r}
-    hf = R.get("transformers", {})
-    if "lengths" in hf:
-        L = "512" if "512" in hf["lengths"] else next(iter(hf["lengths"]))
-        d["hf_decode"] = hf["lengths"][L]["decode"]
-        d["hf_prefill"] = hf["lengths"][L]["prefill_tok_s"]
     return d
 
 
