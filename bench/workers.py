@@ -134,6 +134,12 @@ def decode_steps(model, state, n, tok=5, probes=None):
     return walls, cpus, state
 
 
+def warm_state(model):
+    """A state after a 16-token prompt and 2 decoded tokens: kernels compiled, pages faulted in."""
+    state = model.forward(prompt(model, 16), last_only=True)[1]
+    return decode_steps(model, state, 2)[2]
+
+
 def kernel_share(model, state, n) -> tuple[dict, object]:
     """Where a decoded token's time goes: seconds per token inside the weight-streaming kernels
     (matvec of every format, the RG-LRU gate blocks, activation quantization) against the whole
@@ -183,10 +189,8 @@ def w_decode(args) -> dict:
     from rgemma_cli import load
     models = {v: load(p)[0] for v, p in args["models"].items()}
     out = {"variants": {}, "bandwidth": [], "positions": {}}
-    states = {}
+    states = {v: warm_state(m) for v, m in models.items()}
     for v, m in models.items():
-        s = m.forward(prompt(m, 16), m.initial_state(), last_only=True)[1]
-        _, _, states[v] = decode_steps(m, s, 2)  # compile + fault the pages in
         out["variants"][v] = {"bytes_per_token": weight_bytes(m), "walls": [], "cpus": [],
                               "probes": []}
     for r in range(args["rounds"]):
@@ -328,7 +332,7 @@ def w_versus(args) -> dict:
     torch.set_num_threads(2)
     hf = AutoModelForCausalLM.from_pretrained(args["reference"], dtype=torch.bfloat16).eval()
     ours = {v: load(p)[0] for v, p in args["models"].items()}
-    states = {v: decode_steps(m, m.forward(prompt(m, 16), last_only=True)[1], 2)[2] for v, m in ours.items()}
+    states = {v: warm_state(m) for v, m in ours.items()}
     ids = torch.tensor(prompt(ours[next(iter(ours))], 64, 4)[None])
     n = args["tokens"]
     rounds = {"transformers": []} | {v: [] for v in ours}

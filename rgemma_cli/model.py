@@ -57,27 +57,23 @@ def _inv_freq(rotary_dims, theta):
     return f
 
 
-@functools.lru_cache(maxsize=4)  # every attention layer of a chunk, queries and keys, shares them
-def _rope_cos_sin(pos_bytes, rotary_dims, theta):
-    pos = np.frombuffer(pos_bytes, dtype=np.int64)
-    angle = pos.astype(np.float32)[:, None] * _inv_freq(rotary_dims, theta)[None, :]  # (T, half) f32
-    cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
-    cos.setflags(write=False)
-    sin.setflags(write=False)
-    return cos, sin
+def rope_angles(pos, rotary_dims, theta):
+    """cos and sin of the RoPE angles at positions pos (T,), each (T, 1, rotary_dims/2), in
+    float32 as both references compute them. Once per chunk: every attention layer rotates its
+    queries and keys by the same angles."""
+    angle = pos.astype(np.float32)[:, None] * _inv_freq(rotary_dims, theta)[None, :]  # (T, half)
+    return np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
 
 
-def rope(x, pos, rotary_dims, theta):
-    """Rotate the first `rotary_dims` dims of each head (pairing i with i + rotary_dims/2).
-
-    x (T, heads, hd), pos (T,). Angles in float32, as both references compute them.
-    """
-    half = rotary_dims // 2
+def rope(x, angles):
+    """Rotate the first rotary_dims dims of each head of x (T, heads, hd), pairing i with
+    i + rotary_dims/2, by `angles` = rope_angles(...)."""
+    cos, sin = angles
+    half = cos.shape[-1]
     if half == 0:
         return x
-    cos, sin = _rope_cos_sin(np.asarray(pos, dtype=np.int64).tobytes(), rotary_dims, theta)
-    x1, x2 = x[..., :half], x[..., half:rotary_dims]
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rotary_dims:]], axis=-1)
+    x1, x2 = x[..., :half], x[..., half:2 * half]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., 2 * half:]], axis=-1)
 
 
 # -- blocks ------------------------------------------------------------------------------------
@@ -126,29 +122,27 @@ def recurrent_block(x, pos, w, s: RecurrentState):
     return out, RecurrentState(h[-1].copy(), np.ascontiguousarray(conv, dtype=np.float32))
 
 
-@functools.lru_cache(maxsize=4)  # the same for every attention layer of a chunk
 def slot_positions(n, window):
-    """Position held by each ring slot after n tokens (-1 where the slot is still empty);
-    a read-only array."""
+    """Position held by each ring slot after n tokens (-1 where the slot is still empty)."""
     slots = np.arange(window)
     held = slots + ((n - 1 - slots) // window) * window
-    held = np.where(held >= 0, held, -1)
-    held.setflags(write=False)
-    return held
+    return np.where(held >= 0, held, -1)
 
 
-def local_attention(x, pos, w, s: AttentionState, cfg: ModelConfig, donate: bool = False):
+def local_attention(x, pos, angles, slots, w, s: AttentionState, cfg: ModelConfig,
+                    donate: bool = False):
     """Sliding-window multi-query attention: a query at p sees keys at p-W..p (official rule).
 
+    `angles` and `slots` (rope_angles, slot_positions) are the chunk's, shared by all layers.
     The new keys and values go into a copy of the ring, or into `s`'s own ring if `donate`."""
     T, H, hd, W = x.shape[0], cfg.num_attention_heads, cfg.head_dim, cfg.attention_window_size
     kvh = cfg.num_key_value_heads
-    q = rope(linear(x, w["q_proj.weight"]).reshape(T, H, hd), pos, cfg.rotary_dims, cfg.rope_theta)
-    k = rope(linear(x, w["k_proj.weight"]).reshape(T, kvh, hd), pos, cfg.rotary_dims, cfg.rope_theta)
+    q = rope(linear(x, w["q_proj.weight"]).reshape(T, H, hd), angles)
+    k = rope(linear(x, w["k_proj.weight"]).reshape(T, kvh, hd), angles)
     v = linear(x, w["v_proj.weight"]).reshape(T, kvh, hd)
 
     out = local_attention_kernel(np.ascontiguousarray(q, dtype=np.float32), pos, s.k, s.v,
-                                 slot_positions(int(pos[0]), W), np.ascontiguousarray(k),
+                                 slots, np.ascontiguousarray(k),
                                  np.ascontiguousarray(v), W, 1.0 / math.sqrt(hd))
     out = linear(out.reshape(T, H * hd), w["o_proj.weight"], w["o_proj.bias"])
 
@@ -226,12 +220,14 @@ class Griffin:
     def _forward_chunk(self, tokens, state, *, last_only, logits, donate):
         cfg = self.config
         pos = state.pos + np.arange(tokens.size, dtype=np.int64)
+        angles = rope_angles(pos, cfg.rotary_dims, cfg.rope_theta)
+        slots = slot_positions(state.pos, cfg.attention_window_size)
         x = embed(self.embed_tokens, tokens) * np.float32(cfg.embed_scale)
         new_layers = []
         for layer, s in zip(self.layers, state.layers):
             xn = rms_norm(x, layer["temporal_pre_norm"], cfg.rms_norm_eps)
             if layer["kind"] == ATTENTION:
-                o, s = local_attention(xn, pos, layer["temporal"], s, cfg, donate)
+                o, s = local_attention(xn, pos, angles, slots, layer["temporal"], s, cfg, donate)
             else:
                 o, s = recurrent_block(xn, pos, layer["temporal"], s)
             new_layers.append(s)

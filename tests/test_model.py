@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from rgemma_cli.config import ModelConfig
 from rgemma_cli.errors import RgemmaError
-from rgemma_cli.model import Griffin, rope, slot_positions
+from rgemma_cli.model import Griffin, rope, rope_angles, slot_positions
 
 import synth  # scripts/, put on sys.path by conftest.py
 
@@ -96,7 +96,7 @@ def test_slot_positions():
 
 def test_rope_rotates_only_the_first_dims_and_preserves_norm():
     x = np.random.default_rng(0).standard_normal((3, 2, 8)).astype(np.float32)
-    y = rope(x, np.array([0, 5, 999]), 4, 10000.0)
+    y = rope(x, rope_angles(np.array([0, 5, 999]), 4, 10000.0))
     assert np.array_equal(y[0], x[0])  # position 0: no rotation
     assert np.array_equal(y[:, :, 4:], x[:, :, 4:])
     assert np.allclose(np.linalg.norm(y[..., :4], axis=-1), np.linalg.norm(x[..., :4], axis=-1), atol=1e-5)
