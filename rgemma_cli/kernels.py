@@ -7,7 +7,7 @@ are faster than Numba for transcendentals here (the PyPI llvmlite has no SVML; p
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 
 @njit(cache=True, fastmath=False)
@@ -38,7 +38,48 @@ def _axpy(alpha, x, y):
         y[i] += alpha * x[i]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, fastmath=True)
+def _attend(q, t, g, heads, first, q_pos, ck, cv, c_pos, k, v, lo, hi, scale, m, l, o):
+    """Softmax of query heads `heads` of q[t] over keys lo..hi-1 of key/value head g (ring
+    slots 0..W-1, then the chunk's keys), unnormalised: the block's max m, sum l and weighted
+    values o per head. Each key and value row is read once for all the heads that share it
+    (multi-query attention), not once per head."""
+    W = ck.shape[0]
+    G = heads.size
+    scores = np.full((G, hi - lo), -np.inf, np.float32)
+    visible = np.zeros(hi - lo, np.bool_)
+    for s in range(lo, hi):
+        if s < W:
+            if c_pos[s] < 0 or c_pos[s] < first:
+                continue
+            key = ck[s, g]
+        else:
+            if q_pos[s - W] < first:
+                continue
+            key = k[s - W, g]
+        visible[s - lo] = True
+        for i in range(G):
+            scores[i, s - lo] = _dot(q[t, heads[i]], key) * np.float32(scale)
+    for i in range(G):
+        m[i] = scores[i].max()
+        if m[i] > -np.inf:
+            for j in range(hi - lo):
+                scores[i, j] = np.exp(scores[i, j] - m[i])
+            l[i] = scores[i].sum()
+    for s in range(lo, hi):
+        if not visible[s - lo]:
+            continue
+        value = cv[s, g] if s < W else v[s - W, g]
+        for i in range(G):
+            _axpy(scores[i, s - lo], value, o[i])
+
+
+@njit(cache=True, fastmath=True)
+def _scale(c, y):
+    for i in range(y.shape[0]):
+        y[i] *= c
+
+
 def local_attention_kernel(q, q_pos, ck, cv, c_pos, k, v, window, scale):
     """Sliding-window multi-query attention over the ring buffer and the chunk's own keys.
 
@@ -46,34 +87,47 @@ def local_attention_kernel(q, q_pos, ck, cv, c_pos, k, v, window, scale):
     positions c_pos (W,) (-1 for an empty slot); k, v (T, KVH, hd) the chunk's keys and values.
     A query at p sees keys at p-window..p; head h reads key/value head h // (H / KVH), as HF's
     repeat_kv does. Reading the ring in place spares copying it into position order.
+
+    Work is split over (query, key/value head, block of keys); with few queries (decoding) the
+    keys are cut into blocks so both cores work, and the blocks' partial softmaxes are merged
+    at the end (as flash-decoding does).
     """
+    T, KVH = q.shape[0], k.shape[1]
+    blocks = max(1, min(4 * get_num_threads() // (T * KVH), (ck.shape[0] + T) // 256))
+    return _local_attention(q, q_pos, ck, cv, c_pos, k, v, window, scale, blocks)
+
+
+@njit(cache=True, parallel=True)
+def _local_attention(q, q_pos, ck, cv, c_pos, k, v, window, scale, blocks):
     T, H, hd = q.shape
-    W = ck.shape[0]
-    group = H // k.shape[1]
+    W, KVH = ck.shape[0], k.shape[1]
+    group = H // KVH
+    m = np.full((T, H, blocks), -np.inf, np.float32)
+    l = np.zeros((T, H, blocks), np.float32)
+    o = np.zeros((T, H, blocks, hd), np.float32)
+    for job in prange(T * KVH * blocks):
+        t = job // (KVH * blocks)
+        g = (job // blocks) % KVH
+        b = job % blocks
+        n = W + t + 1  # keys this query may see: the ring, then the chunk up to itself
+        heads = np.arange(g * group, (g + 1) * group)
+        mb, lb, ob = np.empty(group, np.float32), np.empty(group, np.float32), np.empty((group, hd), np.float32)
+        for i in range(group):
+            mb[i], lb[i], ob[i] = -np.inf, 0.0, 0.0
+        _attend(q, t, g, heads, q_pos[t] - window, q_pos, ck, cv, c_pos, k, v,
+                b * n // blocks, (b + 1) * n // blocks, scale, mb, lb, ob)
+        for i in range(group):
+            m[t, heads[i], b], l[t, heads[i], b] = mb[i], lb[i]
+            o[t, heads[i], b] = ob[i]
     out = np.zeros((T, H, hd), np.float32)
     for th in prange(T * H):
-        t = th // H
-        h = th - t * H
-        g = h // group
-        first = q_pos[t] - window
-        scores = np.empty(W + t + 1, np.float32)
-        m = np.float32(-np.inf)
-        for s in range(W + t + 1):
-            if s < W:
-                visible = c_pos[s] >= 0 and c_pos[s] >= first
-            else:
-                visible = q_pos[s - W] >= first
-            x = np.float32(-np.inf)
-            if visible:
-                x = _dot(q[t, h], ck[s, g] if s < W else k[s - W, g]) * np.float32(scale)
-            scores[s] = x
-            m = max(m, x)
+        t, h = th // H, th % H
+        top = m[t, h].max()  # finite: a query always sees its own key
         total = np.float32(0.0)
-        for s in range(W + t + 1):
-            e = np.float32(np.exp(scores[s] - m)) if scores[s] > -np.inf else np.float32(0.0)
-            scores[s] = e
-            total += e
-        for s in range(W + t + 1):
-            if scores[s] > 0:
-                _axpy(scores[s] / total, cv[s, g] if s < W else v[s - W, g], out[t, h])
+        for b in range(blocks):
+            if l[t, h, b] > 0:
+                c = np.float32(np.exp(m[t, h, b] - top))
+                total += c * l[t, h, b]
+                _axpy(c, o[t, h, b], out[t, h])
+        _scale(np.float32(1.0) / total, out[t, h])
     return out
