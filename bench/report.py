@@ -123,7 +123,7 @@ def write_report(R, doc: Path, png: Path):
     ker = R.get("kernels", {})
     if "read_bandwidth" in ker:
         w("## Kernels alone (matvec of 7680 x 2560 weights, 4 matrices cycled: not cache-resident)\n")
-        w("GB/s of weight bytes streamed (4-bit: packed nibbles + f32 group scales). Read bandwidth "
+        w("GB/s of weight bytes streamed (4-bit: packed nibbles + bf16 group scales). Read bandwidth "
           f"in the same process: {_f(ker['read_bandwidth']['best'], 1)} GB/s best.\n")
         _head(w, 'format', '1 thread best', 'median', 'CPU/wall', '2 threads best', 'median', 'CPU/wall')
         for k in ("f32", "bf16", "int8", "q4"):
@@ -150,9 +150,9 @@ def write_report(R, doc: Path, png: Path):
               f"{_f(d[v]['ceiling'])} | {_f(d[v]['median_frac'])} | {_f(d[v]['best_frac'])} | "
               f"{_f(r['cpu_per_wall'])} | {vs} |")
         w("")
-        w("4-bit: groups of 64 with f32 scales (4.5 bits per weight); its tied embedding / output "
-          "head is int8 by default (`q4`), or 4-bit too with `embedding_bits=4` (`q4-emb4`); see "
-          "`rgemma_cli/quantize.py`.\n")
+        w("4-bit: groups of 64 with bf16 scales (4.25 bits per weight), the tied embedding / output "
+          "head included (`q4`, the default of `--bits 4`), or with an int8 head "
+          "(`--embedding-bits 8`: `q4-emb8`); see `rgemma_cli/quantize.py`.\n")
         pos = dec["positions"]
         w("### Decode rate against position in one generation (bf16)\n")
         _head(w, 'position', 'tok/s best', 'tok/s median', 'CPU/wall')
@@ -270,7 +270,7 @@ def write_report(R, doc: Path, png: Path):
     if "int8" in d:
         targets.append(("int8 decode >= 0.85 of its ceiling", f"{_f(d['int8']['median_frac'])} (medians; best {_f(d['int8']['best_frac'])})", d["int8"]["median_frac"] >= 0.85))
     if "q4" in vs:
-        extra = f" (4-bit head too: {vs['q4-emb4']:.2f}x)" if "q4-emb4" in vs else ""
+        extra = f" (int8 head: {vs['q4-emb8']:.2f}x)" if "q4-emb8" in vs else ""
         targets.append(("4-bit decode >= 6x transformers' bf16 (paired rounds)", f"{vs['q4']:.2f}x{extra}", vs["q4"] >= 6))
     fr = [r["prefill"]["fraction_of_sgemm_peak"] for r in pre.values() if "prefill" in r]
     if fr:

@@ -12,9 +12,11 @@ where they are compared; every figure carries its CPU/wall ratio (about 2.0 = bo
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -83,15 +85,23 @@ def prepare(preset, dtype="bf16"):
     return src
 
 
-def quantized(src, bits, embedding_bits=None):
+def quantized(src, bits, embedding_bits=None, out=None):
+    """src quantized (cached beside it, or in `out`); redone when quantize.py has changed since."""
     sys.path.insert(0, str(ROOT))
     from rgemma_cli.quantize import quantize_checkpoint
     suffix = f"q{bits}" + (f"-emb{embedding_bits}" if embedding_bits else "")
-    out = src.parent / f"{src.name.rsplit('-', 1)[0]}-{suffix}"
-    if not (out / "config.json").exists():
+    out = out or src.parent / f"{src.name.rsplit('-', 1)[0]}-{suffix}"
+    stamp = hashlib.sha256((ROOT / "rgemma_cli" / "quantize.py").read_bytes()).hexdigest()
+    if not (out / "config.json").exists() or _read(out / ".quantize-stamp") != stamp:
         log(f"quantizing {src.name} to {suffix}")
+        shutil.rmtree(out, ignore_errors=True)
         quantize_checkpoint(src, out, bits, embedding_bits=embedding_bits)
+        (out / ".quantize-stamp").write_text(stamp)
     return out
+
+
+def _read(path):
+    return path.read_text() if path.exists() else None
 
 
 def machine():
@@ -152,7 +162,7 @@ def main():
 
     bf16 = prepare("2b")
     models = {"bf16": str(bf16), "int8": str(quantized(bf16, 8)), "q4": str(quantized(bf16, 4)),
-              "q4-emb4": str(quantized(bf16, 4, embedding_bits=4))}
+              "q4-emb8": str(quantized(bf16, 4, embedding_bits=8))}
 
     if want("kernels"):
         log("kernels: GB/s of each matvec format, 1 and 2 threads")
@@ -184,16 +194,10 @@ def main():
     if want("quality"):
         log("quality: KL and top-1 agreement against the unquantized model")
         R["quality"] = {"2b": worker("quality", {"reference": models["bf16"], "tokens": 12 if a.quick else 24,
-                                                 "variants": {k: models[k] for k in ("int8", "q4", "q4-emb4")}})}
-        sys.path.insert(0, str(ROOT))
-        from rgemma_cli.quantize import quantize_checkpoint
+                                                 "variants": {k: models[k] for k in ("int8", "q4", "q4-emb8")}})}
         for name, d in small_models(OUT / "small").items():
-            qs = {}
-            for bits in (8, 4):
-                q = OUT / "small" / f"{name}-q{bits}"
-                if not (q / "config.json").exists():
-                    quantize_checkpoint(d, q, bits)
-                qs[f"{'int8' if bits == 8 else 'q4'}"] = str(q)
+            qs = {"int8" if bits == 8 else "q4": str(quantized(d, bits, out=OUT / "small" / f"{name}-q{bits}"))
+                  for bits in (8, 4)}
             R["quality"][name] = worker("quality", {"reference": str(d), "tokens": 64, "variants": qs})
     if want("elementwise"):
         log("elementwise: the RG-LRU's transcendentals and scan, NumPy against Numba")

@@ -11,8 +11,9 @@ Weight formats (all `(out, in)`, rows contiguous):
   f32            float32
   bf16 / f16     uint16 bits
   int8           int8 q, f32 scale (out,):             w = q * scale[r]
-  4-bit          uint8 (out, in/2), f32 scale (out, in/G): w = (nibble - 8) * scale[r, g]; in each
-                 group of G weights, byte j holds weight j (low nibble) and weight j + G/2 (high).
+  4-bit          uint8 (out, in/2), bf16 (uint16 bits) or f32 scale (out, in/G):
+                 w = (nibble - 8) * scale[r, g]; in each group of G weights, byte j holds weight j
+                 (low nibble) and weight j + G/2 (high).
 Quantized weights use integer dot products: the int8 kernel quantises x to int16 (one scale per
 vector), the 4-bit kernel to int8 per group (see `matvec_i8`, `matvec_q4`).
 """
@@ -168,6 +169,14 @@ def _q4_row_dot_x86(typingctx, row, xq, srow, xscale):
         i8x32 = ir.VectorType(ir.IntType(8), 32)
         f32x8 = ir.VectorType(ir.FloatType(), 8)
         fma = ("contract",)
+        bf16_scales = signature.args[2].dtype == types.uint16
+
+        def scale_at(g):  # srow[g] as float32
+            v = builder.load(builder.gep(sp, [g]))
+            if bf16_scales:
+                v = builder.bitcast(builder.shl(builder.zext(v, i32), ir.Constant(i32, 16)), ir.FloatType())
+            return v
+
         accs = [cgutils.alloca_once_value(builder, ir.Constant(f32x8, None)) for _ in range(_Q4_UNROLL)]
 
         def load32(p, g, stride, offset):
@@ -177,7 +186,7 @@ def _q4_row_dot_x86(typingctx, row, xq, srow, xscale):
         def group(g, acc):  # acc += (group g's integer dot) * srow[g] * xscale[g]
             d = _q4_group_dot_ir(builder, mod, load32(rowp, g, 32, 0), load32(xqp, g, 64, 0),
                                  load32(xqp, g, 64, 32))
-            s = builder.fmul(builder.load(builder.gep(sp, [g])), builder.load(builder.gep(xsp, [g])))
+            s = builder.fmul(scale_at(g), builder.load(builder.gep(xsp, [g])))
             sv = builder.insert_element(ir.Constant(f32x8, None), s, ir.Constant(i32, 0))
             sv = builder.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(i32, 8), [0] * 8))
             prod = builder.fmul(builder.sitofp(d, f32x8), sv, flags=fma)
@@ -212,7 +221,7 @@ def _q4_row_dot_portable(row, xq, srow, xscale):
             b = row[g * half + j]
             d = np.int32(d + np.int32(b & 15) * np.int32(xq[g * Q4_GROUP + j])
                          + np.int32(b >> 4) * np.int32(xq[g * Q4_GROUP + half + j]))
-        acc += srow[g] * xscale[g] * np.float32(d)
+        acc += as_f32(srow[g]) * xscale[g] * np.float32(d)
     return acc
 
 
@@ -342,7 +351,7 @@ def dequant_q4(packed, scale, group, out):
     for r in range(packed.shape[0]):
         src, dst = packed[r], out[r]
         for g in range(scale.shape[1]):
-            s = scale[r, g]
+            s = as_f32(scale[r, g])
             for j in range(half):
                 b = src[g * half + j]
                 dst[g * group + j] = np.float32(np.int32(b & 15) - 8) * s

@@ -54,7 +54,8 @@ def test_quantized_checkpoint_round_trip(tiny64, tmp_path, bits):
     src = _tensors(tiny64)
     name = "model.layers.0.mlp_block.down_proj.weight"
     assert raw[name].dtype == (np.int8 if bits == 8 else np.uint8)
-    assert raw["model.embed_tokens.weight"].dtype == np.int8  # the head stays int8 by default
+    assert raw["model.embed_tokens.weight"].dtype == raw[name].dtype  # the head follows --bits
+    assert raw[name + "_scale"].dtype == (np.float32 if bits == 8 else np.uint16)  # 4-bit: BF16
     assert raw["model.layers.0.temporal_block.rg_lru.recurrent_param"].dtype == np.float32
     assert raw["model.layers.0.temporal_block.conv_1d.weight"].dtype == np.float32
     w = Q.wrap_tensors(raw, config)
@@ -83,6 +84,15 @@ def test_quantized_model_logits_close_to_float(tiny64, tmp_path):
             np.testing.assert_allclose(ld[0], lq[i], atol=0.05 * np.abs(lq).max())
         err = np.abs(lq - lr).max() / np.abs(lr).max()
         assert err < tol, (bits, err)
+
+
+def test_embedding_bits_override_the_head_only(tiny64, tmp_path):
+    for bits, head, dtype in ((4, 8, np.int8), (8, 4, np.uint8), (4, 16, np.float32)):
+        out = Q.quantize_checkpoint(tiny64, tmp_path / f"q{bits}-{head}", bits, embedding_bits=head)
+        raw = _tensors(out)
+        assert raw["model.embed_tokens.weight"].dtype == dtype
+        assert raw["model.layers.0.mlp_block.up_proj.weight"].dtype == (np.uint8 if bits == 4 else np.int8)
+        assert json.loads((out / "config.json").read_text())["quantization"]["embedding_bits"] == head
 
 
 def test_narrow_layers_fall_back_to_int8(tmp_path):
