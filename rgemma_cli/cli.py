@@ -339,10 +339,10 @@ def quantize(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="Local directory, repo id, or 'demo'.")],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Directory to write the quantized model to.")],
     bits: Annotated[int, typer.Option("--bits", help="8: int8 per output channel; 4: groups of 64 "
-                                      "with f32 scales.")] = 8,
+                                      "with bf16 scales.")] = 8,
     embedding_bits: Annotated[Optional[int], typer.Option(
         "--embedding-bits", metavar="N", help="The tied embedding / output head: 16 (keep), 8 or 4. "
-        "[default: 8]", show_default=False)] = None,
+        "[default: the same as --bits]", show_default=False)] = None,
     quiet: Quiet = False,
 ):
     """Write an int8 or 4-bit copy of a model (HF layout; RG-LRU, conv, norms, biases stay exact)."""
