@@ -308,14 +308,14 @@ def write_report(R, doc: Path, png: Path):
     shares = {v: r["share"] for v, r in dec.get("variants", {}).items() if "share" in r}
     if shares:
         w("Where a decoded token's time goes (`decode` worker, the kernels timed through wrappers "
-          "for a few tokens after the rounds above): the weight-streaming kernels (every matvec "
-          "and the RG-LRU gate blocks), the quantization of activations for the integer dots, and "
-          "everything else, which runs on one core between the kernels.\n")
-        _head(w, 'weights', 'token ms', 'weight kernels ms', 'kernel GB/s', 'quantize x ms', 'other ms', 'other share')
+          "for a few tokens after the rounds above): the weight-streaming kernels (every matvec, "
+          "with the quantization of activations for the integer dots, and the RG-LRU gate "
+          "blocks), and everything else, which runs on one core between the kernels.\n")
+        _head(w, 'weights', 'token ms', 'weight kernels ms', 'kernel GB/s', 'other ms', 'other share')
         for v, sh in shares.items():
             gbs = dec["variants"][v]["bytes_per_token"] / 1e6 / sh["weights_ms"]
             w(f"| {v} | {_f(sh['token_ms'], 1)} | {_f(sh['weights_ms'], 1)} | {_f(gbs, 1)} | "
-              f"{_f(sh['quantize_ms'], 1)} | {_f(sh['other_ms'], 1)} | {_f(sh['other_ms'] / sh['token_ms'])} |")
+              f"{_f(sh['other_ms'], 1)} | {_f(sh['other_ms'] / sh['token_ms'])} |")
         w("")
     w("- Decode: the weight kernels stream at close to the read-bandwidth probe for bf16 and "
       "int8; the 4-bit kernel is compute-bound per thread (unpacking nibbles and one f32 scale "

@@ -72,14 +72,9 @@ def matvec(w, x: np.ndarray) -> np.ndarray:
     blas_threads(1)
     y = np.empty(w.shape[0], np.float32)
     if isinstance(w, Int8Weight):
-        x16 = np.empty(x.size, np.int16)
-        kernels.matvec_i8(w.q, w.scale, x16, kernels.quantize_i16(x, x16), y)
+        kernels.matvec_i8(w.q, w.scale, x, y)
     elif isinstance(w, Int4Weight):
-        xq = np.empty(x.size, np.int8)
-        xs = np.empty(x.size // w.group, np.float32)
-        xc = np.empty_like(xs)
-        kernels.quantize_groups_i8(x, w.group, xq, xs, xc)
-        kernels.matvec_q4(w.packed, w.scale, xq, xs, xc, y)
+        kernels.matvec_q4(w.packed, w.scale, x, y)
     elif w.dtype == np.float16:
         kernels.matvec_f16(w.view(np.uint16), x, y)
     else:  # bf16 bits or f32

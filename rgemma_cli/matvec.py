@@ -250,30 +250,34 @@ def matvec_f16(w, x, y):
 
 
 @njit(**_opts)
-def quantize_i16(x, x16):
-    """x (in,) -> int16 x16 with one scale for the whole vector (error <= max|x| / 65534)."""
+def quantize_i16(x):
+    """x (in,) -> (int16 x16, scale): one scale for the whole vector (error <= max|x| / 65534)."""
     m = np.float32(0.0)
     for v in x:
         m = max(m, abs(v))
     s = m / np.float32(32767.0) if m > 0 else np.float32(1.0)
     inv = np.float32(1.0) / s
+    x16 = np.empty(x.size, np.int16)
     for i in range(x.size):
         x16[i] = np.int16(np.rint(x[i] * inv))
-    return s
+    return x16, s
 
 
 @njit(parallel=True, **_opts)
-def matvec_i8(w, scale, x16, xscale, y):
-    """y = W x for int8 W (per-row scales) and x = x16 * xscale (see `quantize_i16`)."""
+def matvec_i8(w, scale, x, y):
+    """y = W x for int8 W (per-row scales); x is quantized to int16 first (`quantize_i16`)."""
+    x16, xscale = quantize_i16(x)
     for r in prange(w.shape[0]):
         y[r] = _dot_i8(w[r], x16) * (scale[r] * xscale)
 
 
 @njit(**_opts)
-def quantize_groups_i8(x, group, xq, xscale, xcorr):
-    """x (in,) -> int8 xq with one f32 scale per group of `group` values, and the zero-point
-    correction xcorr[g] = 8 * xscale[g] * sum(xq of group g) for `matvec_q4`."""
-    for g in range(x.size // group):
+def quantize_groups_i8(x, group):
+    """x (in,) -> (int8 xq, f32 xscale per group of `group` values, xcorr) where the zero-point
+    correction xcorr[g] = 8 * xscale[g] * sum(xq of group g) is for `matvec_q4`."""
+    n = x.size // group
+    xq, xscale, xcorr = np.empty(x.size, np.int8), np.empty(n, np.float32), np.empty(n, np.float32)
+    for g in range(n):
         m = np.float32(0.0)
         for j in range(g * group, (g + 1) * group):
             m = max(m, abs(x[j]))
@@ -286,12 +290,14 @@ def quantize_groups_i8(x, group, xq, xscale, xcorr):
             t += q
         xscale[g] = s
         xcorr[g] = np.float32(8.0) * s * np.float32(t)
+    return xq, xscale, xcorr
 
 
 @njit(parallel=True, **_opts)
-def matvec_q4(packed, scale, xq, xscale, xcorr, y):
-    """y = W x for 4-bit W and x quantised per group (xq, xscale); xcorr[g] = 8 * xscale[g] *
-    sum(xq of group g) removes the nibble zero point: w = (nibble - 8) * scale."""
+def matvec_q4(packed, scale, x, y):
+    """y = W x for 4-bit W; x is quantised per group first (`quantize_groups_i8`), and
+    xcorr removes the nibble zero point: w = (nibble - 8) * scale."""
+    xq, xscale, xcorr = quantize_groups_i8(x, x.size // scale.shape[1])
     for r in prange(packed.shape[0]):
         srow = scale[r]
         y[r] = _q4_row_dot(packed[r], xq, srow, xscale) - _dot(srow, xcorr)
