@@ -157,36 +157,30 @@ _Q4_UNROLL = 4  # groups per loop trip, each with its own accumulator: with one,
 
 
 @intrinsic
-def _q4_row_dot_x86(typingctx, row, xq, srow, xscale):
-    """sum_g srow[g] * xscale[g] * (nibbles of group g . xq of group g), x86 SIMD."""
+def _q4_row_dot_x86(typingctx, row, xq, cs):
+    """sum_g cs[g] * (nibbles of group g . xq of group g), x86 SIMD; cs[g] (f32) is the
+    row's scale times x's scale for group g (`_combined_scales`), so each group costs one
+    broadcast load besides its integer dot."""
     def codegen(context, builder, signature, args):
         mod = builder.module
-        rowp, xqp, sp, xsp = (context.make_array(t)(context, builder, a).data
-                              for t, a in zip(signature.args, args))
+        rowp, xqp, csp = (context.make_array(t)(context, builder, a).data
+                          for t, a in zip(signature.args, args))
         nshape = context.make_array(signature.args[2])(context, builder, args[2]).shape
         ngroups = builder.extract_value(nshape, 0)
         i64, i32 = ir.IntType(64), ir.IntType(32)
         i8x32 = ir.VectorType(ir.IntType(8), 32)
         f32x8 = ir.VectorType(ir.FloatType(), 8)
         fma = ("contract",)
-        bf16_scales = signature.args[2].dtype == types.uint16
-
-        def scale_at(g):  # srow[g] as float32
-            v = builder.load(builder.gep(sp, [g]))
-            if bf16_scales:
-                v = builder.bitcast(builder.shl(builder.zext(v, i32), ir.Constant(i32, 16)), ir.FloatType())
-            return v
-
         accs = [cgutils.alloca_once_value(builder, ir.Constant(f32x8, None)) for _ in range(_Q4_UNROLL)]
 
         def load32(p, g, stride, offset):
             q = builder.gep(p, [builder.add(builder.mul(g, ir.Constant(i64, stride)), ir.Constant(i64, offset))])
             return builder.load(builder.bitcast(q, i8x32.as_pointer()), align=1)
 
-        def group(g, acc):  # acc += (group g's integer dot) * srow[g] * xscale[g]
+        def group(g, acc):  # acc += (group g's integer dot) * cs[g]
             d = _q4_group_dot_ir(builder, mod, load32(rowp, g, 32, 0), load32(xqp, g, 64, 0),
                                  load32(xqp, g, 64, 32))
-            s = builder.fmul(scale_at(g), builder.load(builder.gep(xsp, [g])))
+            s = builder.load(builder.gep(csp, [g]))
             sv = builder.insert_element(ir.Constant(f32x8, None), s, ir.Constant(i32, 0))
             sv = builder.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(i32, 8), [0] * 8))
             prod = builder.fmul(builder.sitofp(d, f32x8), sv, flags=fma)
@@ -208,29 +202,42 @@ def _q4_row_dot_x86(typingctx, row, xq, srow, xscale):
             total = builder.fadd(total, builder.extract_element(v, ir.Constant(i32, k)))
         return total
 
-    return types.float32(row, xq, srow, xscale), codegen
+    return types.float32(row, xq, cs), codegen
 
 
 @njit(**_opts)
-def _q4_row_dot_portable(row, xq, srow, xscale):
+def _q4_row_dot_portable(row, xq, cs):
     half = Q4_GROUP // 2
     acc = np.float32(0.0)
-    for g in range(srow.size):
+    for g in range(cs.size):
         d = np.int32(0)
         for j in range(half):
             b = row[g * half + j]
             d = np.int32(d + np.int32(b & 15) * np.int32(xq[g * Q4_GROUP + j])
                          + np.int32(b >> 4) * np.int32(xq[g * Q4_GROUP + half + j]))
-        acc += as_f32(srow[g]) * xscale[g] * np.float32(d)
+        acc += cs[g] * np.float32(d)
     return acc
 
 
 if ISA:
     @njit(**_opts)
-    def _q4_row_dot(row, xq, srow, xscale):
-        return _q4_row_dot_x86(row, xq, srow, xscale)
+    def _q4_row_dot(row, xq, cs):
+        return _q4_row_dot_x86(row, xq, cs)
 else:
     _q4_row_dot = _q4_row_dot_portable
+
+
+@njit(**_opts)
+def _combined_scales(srow, xscale, xcorr, cs):
+    """cs[g] = srow[g] * xscale[g] (a vectorised pass per row, instead of a scalar bf16 widening
+    and product inside every group step); returns the row's zero-point term sum_g srow[g] *
+    xcorr[g]."""
+    corr = np.float32(0.0)
+    for g in range(cs.size):
+        s = as_f32(srow[g])
+        cs[g] = s * xscale[g]
+        corr += s * xcorr[g]
+    return corr
 
 
 # -- decode: y = W x, parallel over output rows ----------------------------------------------
@@ -293,14 +300,20 @@ def quantize_groups_i8(x, group):
     return xq, xscale, xcorr
 
 
+_Q4_CHUNKS = 64  # rows are split into this many runs, each with one scratch row of scales
+
+
 @njit(parallel=True, **_opts)
 def matvec_q4(packed, scale, x, y):
     """y = W x for 4-bit W; x is quantised per group first (`quantize_groups_i8`), and
     xcorr removes the nibble zero point: w = (nibble - 8) * scale."""
     xq, xscale, xcorr = quantize_groups_i8(x, x.size // scale.shape[1])
-    for r in prange(packed.shape[0]):
-        srow = scale[r]
-        y[r] = _q4_row_dot(packed[r], xq, srow, xscale) - _dot(srow, xcorr)
+    rows = packed.shape[0]
+    for c in prange(_Q4_CHUNKS):
+        cs = np.empty(scale.shape[1], np.float32)
+        for r in range(c * rows // _Q4_CHUNKS, (c + 1) * rows // _Q4_CHUNKS):
+            corr = _combined_scales(scale[r], xscale, xcorr, cs)
+            y[r] = _q4_row_dot(packed[r], xq, cs) - corr
 
 
 @njit(**_opts)
