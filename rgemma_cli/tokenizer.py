@@ -97,8 +97,10 @@ class StreamDecoder:
     def add(self, token: int) -> str:
         """The text that token completes (possibly "")."""
         sp = self.tok.sp
-        if not 0 <= token < self.tok.vocab_size or sp.is_control(token):
+        if not 0 <= token < self.tok.vocab_size:
             return ""
+        if sp.is_control(token):  # ends a run of byte pieces, as in SentencePiece's decode
+            return self._utf8.decode(b"", final=True)
         if sp.is_byte(token):
             return self._utf8.decode(bytes([int(sp.id_to_piece(token)[3:5], 16)]))
         text = " \u2047 " if sp.is_unknown(token) else sp.id_to_piece(token).replace("\u2581", " ")

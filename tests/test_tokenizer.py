@@ -79,6 +79,11 @@ def test_stream_skips_control_ids(tok):
     assert "".join(stream(tok, [tok.bos_id] + tok.encode("ok") + [tok.eos_id, tok.pad_id])) == "ok"
 
 
+def test_a_control_id_ends_a_run_of_byte_pieces(tok):
+    ids = [tok.sp.piece_to_id("<0xC2>"), tok.pad_id, tok.sp.piece_to_id("<0x80>")]  # C2 80 is U+0080
+    assert "".join(stream(tok, ids)) == tok.decode(ids) == "\ufffd\ufffd"
+
+
 def test_ids_past_the_vocabulary_decode_to_nothing(tok):
     # a model whose embedding has more rows than the tokenizer has pieces can sample those ids
     ids = tok.encode("ok") + [tok.vocab_size + 5]
