@@ -39,24 +39,23 @@ def _axpy(alpha, x, y):
 
 
 @njit(cache=True, fastmath=True)
-def _attend(q, t, g, heads, first, q_pos, ck, cv, c_pos, k, v, lo, hi, scale, m, l, o):
+def _attend(q, t, g, heads, first, q_pos, ck, cv, c_pos, filled, k, v, lo, hi, scale, m, l, o):
     """Softmax of query heads `heads` of q[t] over keys lo..hi-1 of key/value head g (ring
-    slots 0..W-1, then the chunk's keys), unnormalised: the block's max m, sum l and weighted
-    values o per head. Each key and value row is read once for all the heads that share it
-    (multi-query attention), not once per head."""
-    W = ck.shape[0]
+    slots 0..filled-1, then the chunk's keys), unnormalised: the block's max m, sum l and
+    weighted values o per head. Each key and value row is read once for all the heads that
+    share it (multi-query attention), not once per head."""
     G = heads.size
     scores = np.full((G, hi - lo), -np.inf, np.float32)
     visible = np.zeros(hi - lo, np.bool_)
     for s in range(lo, hi):
-        if s < W:
+        if s < filled:
             if c_pos[s] < 0 or c_pos[s] < first:
                 continue
             key = ck[s, g]
         else:
-            if q_pos[s - W] < first:
+            if q_pos[s - filled] < first:
                 continue
-            key = k[s - W, g]
+            key = k[s - filled, g]
         visible[s - lo] = True
         for i in range(G):
             scores[i, s - lo] = _dot(q[t, heads[i]], key) * np.float32(scale)
@@ -69,7 +68,7 @@ def _attend(q, t, g, heads, first, q_pos, ck, cv, c_pos, k, v, lo, hi, scale, m,
     for s in range(lo, hi):
         if not visible[s - lo]:
             continue
-        value = cv[s, g] if s < W else v[s - W, g]
+        value = cv[s, g] if s < filled else v[s - filled, g]
         for i in range(G):
             _axpy(scores[i, s - lo], value, o[i])
 
@@ -92,16 +91,18 @@ def local_attention_kernel(q, q_pos, ck, cv, c_pos, k, v, window, scale):
     keys are cut into blocks so both cores work, and the blocks' partial softmaxes are merged
     at the end (as flash-decoding does).
     """
-    T, KVH = q.shape[0], k.shape[1]
-    blocks = max(1, min(4 * get_num_threads() // (T * KVH), (ck.shape[0] + T) // 256))
-    return _local_attention(q, q_pos, ck, cv, c_pos, k, v, window, scale, blocks)
+    return _local_attention(q, q_pos, ck, cv, c_pos, k, v, window, scale, get_num_threads())
 
 
 @njit(cache=True, parallel=True)
-def _local_attention(q, q_pos, ck, cv, c_pos, k, v, window, scale, blocks):
+def _local_attention(q, q_pos, ck, cv, c_pos, k, v, window, scale, threads):
     T, H, hd = q.shape
-    W, KVH = ck.shape[0], k.shape[1]
+    KVH = k.shape[1]
     group = H // KVH
+    filled = c_pos.size  # ring slots fill in order, so the used ones are a prefix
+    while filled > 0 and c_pos[filled - 1] < 0:
+        filled -= 1
+    blocks = max(1, min(4 * threads // (T * KVH), (filled + T) // 256))
     m = np.full((T, H, blocks), -np.inf, np.float32)
     l = np.zeros((T, H, blocks), np.float32)
     o = np.zeros((T, H, blocks, hd), np.float32)
@@ -109,12 +110,12 @@ def _local_attention(q, q_pos, ck, cv, c_pos, k, v, window, scale, blocks):
         t = job // (KVH * blocks)
         g = (job // blocks) % KVH
         b = job % blocks
-        n = W + t + 1  # keys this query may see: the ring, then the chunk up to itself
+        n = filled + t + 1  # keys this query may see: the ring, then the chunk up to itself
         heads = np.arange(g * group, (g + 1) * group)
         mb, lb, ob = np.empty(group, np.float32), np.empty(group, np.float32), np.empty((group, hd), np.float32)
         for i in range(group):
             mb[i], lb[i], ob[i] = -np.inf, 0.0, 0.0
-        _attend(q, t, g, heads, q_pos[t] - window, q_pos, ck, cv, c_pos, k, v,
+        _attend(q, t, g, heads, q_pos[t] - window, q_pos, ck, cv, c_pos, filled, k, v,
                 b * n // blocks, (b + 1) * n // blocks, scale, mb, lb, ob)
         for i in range(group):
             m[t, heads[i], b], l[t, heads[i], b] = mb[i], lb[i]
