@@ -318,8 +318,9 @@ def write_report(R, doc: Path, png: Path):
               f"{_f(sh['other_ms'], 1)} | {_f(sh['other_ms'] / sh['token_ms'])} |")
         w("")
     w("- Decode: the weight kernels stream at close to the read-bandwidth probe for bf16 and "
-      "int8; the 4-bit kernel is compute-bound per thread (unpacking nibbles and one f32 scale "
-      "product per 64 weights; kernel table, 1 thread), so on two threads it stays below the probe. "
+      "int8 in the slow stretches of the bus (below). The 4-bit kernel is compute-bound per "
+      "thread (an integer dot and one float step per group of 64 weights; kernel table, 1 "
+      "thread), so on two threads it keeps up with the slow stretches only. "
       "The 'other' column is RMSNorm, GELU, RoPE, the RG-LRU gates and decay, the attention "
       "kernel and Python glue (about 150 small NumPy calls per token): a fixed cost that weighs "
       "most on the smallest (4-bit) tokens. Keys are written into the state's ring in place "
@@ -327,14 +328,17 @@ def write_report(R, doc: Path, png: Path):
     vsr = R.get("versus", {})
     if "bf16" in vsr and "transformers" in vsr:
         b, q = vsr["bf16"], vsr.get("q4", {})
-        w("- Against transformers: both libraries are bound by the same memory bus, so the ratio is "
-          "mostly rgemma's fraction of the bandwidth ceiling over transformers' (about 0.85-0.9 "
-          "against about 0.4-0.5 here). Round by round it moves a lot on this shared machine: "
-          f"bf16 {b['ratio_min']:.2f}x to {b['ratio_max']:.2f}x"
+        head = ""
+        var = dec.get("variants", {})
+        if "q4" in var and "q4-emb8" in var:
+            head = (f" An int8 head (`q4-emb8`) reads {(var['q4-emb8']['bytes_per_token'] - var['q4']['bytes_per_token']) / 1e9:.2f} GB "
+                    "more per token than the 4-bit default, for the lower KL in the quantization table.")
+        w("- Against transformers: rgemma is bound by the memory bus and transformers mostly is "
+          "not (it runs at about 0.4-0.5 of the ceiling, and its rate moved little between runs: "
+          "~3.0-3.1 tok/s median), so the ratio moves with the state of the bus. Round by "
+          f"round: bf16 {b['ratio_min']:.2f}x to {b['ratio_max']:.2f}x"
           + (f", 4-bit {q['ratio_min']:.2f}x to {q['ratio_max']:.2f}x" if q else "")
-          + " in this run; the targets use the median. For 4-bit, the int8 output head (0.66 GB of "
-          "the 1.83 GB read per token) and the fixed per-token cost above weigh most; a 4-bit head "
-          "(`q4-emb4`) reads 0.3 GB less, at the quality cost in the quantization table.")
+          + " in this run; the targets use the median." + head)
     w("- Prefill: rgemma widens bf16 blocks to f32 and runs OpenBLAS sgemm, bounded by the f32 "
       "FMA peak of 2 cores; torch's bf16 matmul reaches more FLOP/s than that peak here (prefill "
       "tok/s x FLOPs per token in the transformers table), most likely with the CPU's AVX512-BF16 "
