@@ -196,8 +196,10 @@ def main():
         R["quality"] = {"2b": worker("quality", {"reference": models["bf16"], "tokens": 12 if a.quick else 24,
                                                  "variants": {k: models[k] for k in ("int8", "q4", "q4-emb8")}})}
         for name, d in small_models(OUT / "small").items():
-            qs = {"int8" if bits == 8 else "q4": str(quantized(d, bits, out=OUT / "small" / f"{name}-q{bits}"))
-                  for bits in (8, 4)}
+            small = OUT / "small"
+            qs = {"int8": str(quantized(d, 8, out=small / f"{name}-q8")),
+                  "q4": str(quantized(d, 4, out=small / f"{name}-q4")),
+                  "q4-emb8": str(quantized(d, 4, 8, out=small / f"{name}-q4-emb8"))}
             R["quality"][name] = worker("quality", {"reference": str(d), "tokens": 64, "variants": qs})
     if want("elementwise"):
         log("elementwise: the RG-LRU's transcendentals and scan, NumPy against Numba")

@@ -75,7 +75,7 @@ def test_quantized_model_logits_close_to_float(tiny64, tmp_path):
     ref = Griffin(cfg, _tensors(tiny64))
     tokens = [2, 17, 300, 5, 99]
     lr, _ = ref.forward(tokens, ref.initial_state())
-    for bits, tol in ((8, 0.02), (4, 0.3)):  # random weights: a sanity bound, not a quality measure
+    for bits, tol in ((8, 0.02), (4, 0.4)):  # random weights, 4-bit head too: a sanity bound
         model, _ = _model(Q.quantize_checkpoint(tiny64, tmp_path / f"q{bits}", bits))
         lq, _ = model.forward(tokens, model.initial_state())  # prefill path
         s = model.initial_state()  # decode path, token by token
