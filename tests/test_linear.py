@@ -30,7 +30,7 @@ def _ref_int4(packed, scale):
 
 
 @pytest.mark.parametrize("t", [1, 3, 7])
-@pytest.mark.parametrize("shape", [(5, 100), (67, 256), (300, 1000)])
+@pytest.mark.parametrize("shape", [(5, 100), (67, 256), (300, 1000), (13, 4160)])
 def test_float_formats_match_numpy(t, shape):
     w = _w(*shape)
     x = _x(t, shape[1])
