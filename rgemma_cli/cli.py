@@ -312,10 +312,14 @@ def info(model: Annotated[str, typer.Argument(metavar="MODEL",
 
     from . import load
     from .checkpoint import resolve
+    from .quantize import weight_format
     from .state import State
 
     path = resolve(model)
     m, tok = load(model)
+    head = m.weights["model.embed_tokens.weight"]
+    matrices = sorted({weight_format(w) for n, w in m.weights.items()
+                       if n.endswith("proj.weight") or n.endswith("linear_out.weight")})
     cfg = m.config
     params = sum(int(np.prod(w.shape)) for w in m.weights.values())
     nbytes = sum(int(getattr(w, "nbytes", 0)) for w in m.weights.values())
@@ -323,6 +327,8 @@ def info(model: Annotated[str, typer.Argument(metavar="MODEL",
     t = Table(show_header=False, box=None)
     for k, v in [("model", model), ("path", str(path)), ("parameters", f"{params:,}"),
                  ("weight bytes", f"{nbytes:,} ({nbytes / 2**30:.2f} GiB)"),
+                 ("linear weights", ", ".join(matrices)),
+                 ("embedding / head", weight_format(head)),
                  ("state size", f"{state:,} bytes ({state / 2**20:.2f} MiB) at >= "
                                 f"{cfg.attention_window_size} tokens"),
                  ("tokenizer", f"{tok.vocab_size:,} pieces" if tok else "none (no tokenizer.model)"),

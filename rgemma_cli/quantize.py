@@ -234,6 +234,16 @@ def quantize_checkpoint(src_dir, out_dir, bits: int, *, embedding_bits: int | No
     return out
 
 
+def weight_format(w) -> str:
+    """How a weight is stored, for people: "bf16", "int8 (per-row scales)", "4-bit (groups of
+    64, bf16 scales)", ..."""
+    if isinstance(w, Int4Weight):
+        return f"4-bit (groups of {w.group}, {'bf16' if w.scale.dtype == np.uint16 else 'f32'} scales)"
+    if isinstance(w, Int8Weight):
+        return "int8 (per-row scales)"
+    return {np.dtype(np.uint16): "bf16", np.dtype(np.float16): "f16"}.get(w.dtype, str(w.dtype).replace("float", "f"))
+
+
 # -- loading ---------------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,7 @@ def test_stop_string(tiny_base_dir):
 def test_info_state_download(tiny_model_dir):
     out = rg("info", tiny_model_dir).stdout
     assert "parameters" in out and "state size" in out and "chat template" in out
+    assert re.search(r"linear weights +f32", out) and re.search(r"embedding / head +f32", out)
     assert rg("download", tiny_model_dir).stdout.strip() == str(tiny_model_dir)
 
 
@@ -228,6 +230,9 @@ def test_quantize_then_generate(tiny_base_dir, tmp_path):
     assert (out / "tokenizer.model").exists()
     j = gen_json(out, "-n", 6, "-t", 0, "Hello")
     assert len(j["tokens"]) == 6
+    info = rg("info", out).stdout
+    assert re.search(r"linear weights +int8 \(per-row scales\)", info)
+    assert re.search(r"embedding / head +int8", info)
     assert "--bits must be 8 or 4" in error_of("quantize", tiny_base_dir, tmp_path / "q9", "--bits", 9)
     assert "already quantized" in error_of("quantize", out, tmp_path / "again")
 

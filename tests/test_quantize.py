@@ -110,3 +110,12 @@ def test_refusals(tiny64, tmp_path):
         Q.quantize_checkpoint(q, tmp_path / "again", 8)
     with pytest.raises(RgemmaError, match="unsupported quantization"):
         Q.wrap_tensors({}, {"quantization": {"method": "gptq"}})
+
+
+def test_weight_format_names_each_storage():
+    w = np.ones((2, 64), np.float32)
+    p, s = Q.quantize_int4(w)
+    assert Q.weight_format(Q.Int4Weight(p, s)) == "4-bit (groups of 64, bf16 scales)"
+    assert Q.weight_format(Q.Int4Weight(p, np.ones(s.shape, np.float32))) == "4-bit (groups of 64, f32 scales)"
+    assert Q.weight_format(Q.Int8Weight(*Q.quantize_int8(w))) == "int8 (per-row scales)"
+    assert [Q.weight_format(w.astype(t)) for t in (np.float32, np.float16, np.uint16)] == ["f32", "f16", "bf16"]
