@@ -39,12 +39,19 @@ def _axpy(alpha, x, y):
 
 
 @njit(cache=True, fastmath=True)
-def _attend(q, t, g, heads, first, q_pos, ck, cv, c_pos, filled, k, v, lo, hi, scale, m, l, o):
-    """Softmax of query heads `heads` of q[t] over keys lo..hi-1 of key/value head g (ring
-    slots 0..filled-1, then the chunk's keys), unnormalised: the block's max m, sum l and
-    weighted values o per head. Each key and value row is read once for all the heads that
-    share it (multi-query attention), not once per head."""
-    G = heads.size
+def _attend(job, blocks, q, q_pos, ck, cv, c_pos, filled, k, v, window, scale, m, l, o):
+    """One (query t, key/value head g, block b) job: the softmax of the query heads that read
+    head g over the block's keys (ring slots 0..filled-1, then the chunk's keys), unnormalised:
+    the block's max m[t, b, h], sum l[t, b, h] and weighted values o[t, b, h]. Each key and
+    value row is read once for all the heads that share it (multi-query attention), not once
+    per head."""
+    KVH = k.shape[1]
+    G = q.shape[1] // KVH
+    t, g, b = job // (KVH * blocks), (job // blocks) % KVH, job % blocks
+    n = filled + t + 1  # keys this query may see: the ring, then the chunk up to itself
+    lo, hi = b * n // blocks, (b + 1) * n // blocks
+    h0, first, qt = g * G, q_pos[t] - window, q[t]
+    m, l, o = m[t, b], l[t, b], o[t, b]
     scores = np.full((G, hi - lo), -np.inf, np.float32)
     visible = np.zeros(hi - lo, np.bool_)
     for s in range(lo, hi):
@@ -58,19 +65,36 @@ def _attend(q, t, g, heads, first, q_pos, ck, cv, c_pos, filled, k, v, lo, hi, s
             key = k[s - filled, g]
         visible[s - lo] = True
         for i in range(G):
-            scores[i, s - lo] = _dot(q[t, heads[i]], key) * np.float32(scale)
+            scores[i, s - lo] = _dot(qt[h0 + i], key) * np.float32(scale)
     for i in range(G):
-        m[i] = scores[i].max()
-        if m[i] > -np.inf:
+        m[h0 + i] = scores[i].max()
+        if m[h0 + i] > -np.inf:
             for j in range(hi - lo):
-                scores[i, j] = np.exp(scores[i, j] - m[i])
-            l[i] = scores[i].sum()
+                scores[i, j] = np.exp(scores[i, j] - m[h0 + i])
+            l[h0 + i] = scores[i].sum()
     for s in range(lo, hi):
         if not visible[s - lo]:
             continue
         value = cv[s, g] if s < filled else v[s - filled, g]
         for i in range(G):
-            _axpy(scores[i, s - lo], value, o[i])
+            _axpy(scores[i, s - lo], value, o[h0 + i])
+
+
+@njit(cache=True, fastmath=True)
+def _merge(m, l, o, h, out):
+    """out = head h's softmax-weighted values from the blocks' partial results m, l (blocks, H)
+    and o (blocks, H, hd)."""
+    top = np.float32(-np.inf)
+    for b in range(m.shape[0]):
+        top = max(top, m[b, h])  # finite: a query always sees its own key
+    total = np.float32(0.0)
+    out[:] = 0.0
+    for b in range(m.shape[0]):
+        if l[b, h] > 0:
+            c = np.float32(np.exp(m[b, h] - top))
+            total += c * l[b, h]
+            _axpy(c, o[b, h], out)
+    _scale(np.float32(1.0) / total, out)
 
 
 @njit(cache=True, fastmath=True)
@@ -94,41 +118,26 @@ def local_attention_kernel(q, q_pos, ck, cv, c_pos, k, v, window, scale):
     return _local_attention(q, q_pos, ck, cv, c_pos, k, v, window, scale, get_num_threads())
 
 
-@njit(cache=True, parallel=True)
+# Only the explicit prange loop runs in parallel: Numba would otherwise turn each np.full /
+# np.zeros here into a parallel loop of its own, each compiled separately (~1 s apiece).
+@njit(cache=True, parallel={"prange": True, "numpy": False, "setitem": False,
+                            "comprehension": False, "reduction": False, "inplace_binop": False,
+                            "stencil": False, "fusion": False})
 def _local_attention(q, q_pos, ck, cv, c_pos, k, v, window, scale, threads):
+    # (the parallel loop only calls a helper: a big prange body made the first compile ~2x slower)
     T, H, hd = q.shape
     KVH = k.shape[1]
-    group = H // KVH
     filled = c_pos.size  # ring slots fill in order, so the used ones are a prefix
     while filled > 0 and c_pos[filled - 1] < 0:
         filled -= 1
     blocks = max(1, min(4 * threads // (T * KVH), (filled + T) // 256))
-    m = np.full((T, H, blocks), -np.inf, np.float32)
-    l = np.zeros((T, H, blocks), np.float32)
-    o = np.zeros((T, H, blocks, hd), np.float32)
+    m = np.full((T, blocks, H), -np.inf, np.float32)
+    l = np.zeros((T, blocks, H), np.float32)
+    o = np.zeros((T, blocks, H, hd), np.float32)
     for job in prange(T * KVH * blocks):
-        t = job // (KVH * blocks)
-        g = (job // blocks) % KVH
-        b = job % blocks
-        n = filled + t + 1  # keys this query may see: the ring, then the chunk up to itself
-        heads = np.arange(g * group, (g + 1) * group)
-        mb, lb, ob = np.empty(group, np.float32), np.empty(group, np.float32), np.empty((group, hd), np.float32)
-        for i in range(group):
-            mb[i], lb[i], ob[i] = -np.inf, 0.0, 0.0
-        _attend(q, t, g, heads, q_pos[t] - window, q_pos, ck, cv, c_pos, filled, k, v,
-                b * n // blocks, (b + 1) * n // blocks, scale, mb, lb, ob)
-        for i in range(group):
-            m[t, heads[i], b], l[t, heads[i], b] = mb[i], lb[i]
-            o[t, heads[i], b] = ob[i]
-    out = np.zeros((T, H, hd), np.float32)
-    for th in prange(T * H):
-        t, h = th // H, th % H
-        top = m[t, h].max()  # finite: a query always sees its own key
-        total = np.float32(0.0)
-        for b in range(blocks):
-            if l[t, h, b] > 0:
-                c = np.float32(np.exp(m[t, h, b] - top))
-                total += c * l[t, h, b]
-                _axpy(c, o[t, h, b], out[t, h])
-        _scale(np.float32(1.0) / total, out[t, h])
+        _attend(job, blocks, q, q_pos, ck, cv, c_pos, filled, k, v, window, scale, m, l, o)
+    out = np.empty((T, H, hd), np.float32)
+    for t in range(T):  # serial: a second parallel loop cost more to compile than it saved
+        for h in range(H):
+            _merge(m[t], l[t], o[t], h, out[t, h])
     return out
