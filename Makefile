@@ -10,6 +10,8 @@ $(BIN)/rgemma: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	@# compile the Numba kernels once now (they are cached), so the first real run starts warm
+	$(BIN)/rgemma generate -m demo -n 1 -t 0 -q "Hello" > /dev/null
 	@touch $@
 	@echo "installed: activate with '. $(VENV)/bin/activate', then run 'rgemma --help'"
 
