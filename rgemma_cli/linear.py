@@ -67,18 +67,22 @@ def blas_threads(n: int | None) -> None:
 # -- the layer -------------------------------------------------------------------------------
 
 
-def matvec(w, x: np.ndarray) -> np.ndarray:
-    """y = w @ x for one float32 vector x (in,), streaming w once. Returns (out,) float32."""
+_NO_BIAS = np.zeros(0, np.float32)
+
+
+def matvec(w, x: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """y = w @ x + b for one float32 vector x (in,), streaming w once. Returns (out,) float32."""
     blas_threads(1)
     y = np.empty(w.shape[0], np.float32)
+    b = _NO_BIAS if b is None else np.ascontiguousarray(b, np.float32)
     if isinstance(w, Int8Weight):
-        kernels.matvec_i8(w.q, w.scale, x, y)
+        kernels.matvec_i8(w.q, w.scale, x, b, y)
     elif isinstance(w, Int4Weight):
-        kernels.matvec_q4(w.packed, w.scale, x, y)
+        kernels.matvec_q4(w.packed, w.scale, x, b, y)
     elif w.dtype == np.float16:
-        kernels.matvec_f16(w.view(np.uint16), x, y)
+        kernels.matvec_f16(w.view(np.uint16), x, b, y)
     else:  # bf16 bits or f32
-        kernels.matvec(w if w.dtype == np.uint16 else np.ascontiguousarray(w, np.float32), x, y)
+        kernels.matvec(w if w.dtype == np.uint16 else np.ascontiguousarray(w, np.float32), x, b, y)
     return y
 
 
@@ -124,11 +128,10 @@ def linear(x: np.ndarray, w, b: np.ndarray | None = None) -> np.ndarray:
     if x.ndim == 1:
         x = x[None]
     if x.shape[0] == 1:
-        y = matvec(w, x[0])[None]
-    elif x.shape[0] <= _STREAM_ROWS:
-        y = np.stack([matvec(w, row) for row in x]) if len(x) else np.empty((0, w.shape[0]), np.float32)
-    else:
-        y = _matmul(x, w)
+        return matvec(w, x[0], b)[None]
+    if x.shape[0] <= _STREAM_ROWS:
+        return np.stack([matvec(w, row, b) for row in x]) if len(x) else np.empty((0, w.shape[0]), np.float32)
+    y = _matmul(x, w)
     if b is not None:
         y += b
     return y

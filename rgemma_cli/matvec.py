@@ -262,25 +262,34 @@ def _combined_scales(srow, xscale, xcorr, cs):
 _WIDE_INPUT = 4096
 
 
+@njit(**_opts)
+def _bias(b, r):
+    """b[r], or 0 for an empty b (no bias). Adding the bias row by row in the kernels spares a
+    pass over y afterwards, when y and b are no longer in cache."""
+    return b[r] if b.size else np.float32(0.0)
+
+
 @njit(parallel=True, **_opts)
-def matvec(w, x, y):
-    """y = W x for f32 or bf16 (uint16 bits) W."""
+def matvec(w, x, b, y):
+    """y = W x + b for f32 or bf16 (uint16 bits) W (b empty: no bias)."""
     rows = w.shape[0]
     if x.size <= _WIDE_INPUT:
         for r in prange(rows):
-            y[r] = _dot(w[r], x)
+            y[r] = _dot(w[r], x) + _bias(b, r)
     else:  # four rows per pass, so x is read from L2 once per four rows instead of every row
         for t in prange(rows // 4):
             r = 4 * t
-            y[r], y[r + 1], y[r + 2], y[r + 3] = _dot4(w[r], w[r + 1], w[r + 2], w[r + 3], x)
+            d0, d1, d2, d3 = _dot4(w[r], w[r + 1], w[r + 2], w[r + 3], x)
+            y[r], y[r + 1] = d0 + _bias(b, r), d1 + _bias(b, r + 1)
+            y[r + 2], y[r + 3] = d2 + _bias(b, r + 2), d3 + _bias(b, r + 3)
         for r in range(rows - rows % 4, rows):
-            y[r] = _dot(w[r], x)
+            y[r] = _dot(w[r], x) + _bias(b, r)
 
 
 @njit(parallel=True, **_opts)
-def matvec_f16(w, x, y):
+def matvec_f16(w, x, b, y):
     for r in prange(w.shape[0]):
-        y[r] = _dot_f16(w[r], x)
+        y[r] = _dot_f16(w[r], x) + _bias(b, r)
 
 
 @njit(**_opts)
@@ -298,11 +307,11 @@ def quantize_i16(x):
 
 
 @njit(parallel=True, **_opts)
-def matvec_i8(w, scale, x, y):
-    """y = W x for int8 W (per-row scales); x is quantized to int16 first (`quantize_i16`)."""
+def matvec_i8(w, scale, x, b, y):
+    """y = W x + b for int8 W (per-row scales); x is quantized to int16 first (`quantize_i16`)."""
     x16, xscale = quantize_i16(x)
     for r in prange(w.shape[0]):
-        y[r] = _dot_i8(w[r], x16) * (scale[r] * xscale)
+        y[r] = _dot_i8(w[r], x16) * (scale[r] * xscale) + _bias(b, r)
 
 
 @njit(**_opts)
@@ -331,8 +340,8 @@ _Q4_CHUNKS = 64  # rows are split into this many runs, each with one scratch row
 
 
 @njit(parallel=True, **_opts)
-def matvec_q4(packed, scale, x, y):
-    """y = W x for 4-bit W; x is quantised per group first (`quantize_groups_i8`), and
+def matvec_q4(packed, scale, x, b, y):
+    """y = W x + b for 4-bit W; x is quantised per group first (`quantize_groups_i8`), and
     xcorr removes the nibble zero point: w = (nibble - 8) * scale."""
     xq, xscale, xcorr = quantize_groups_i8(x, x.size // scale.shape[1])
     rows = packed.shape[0]
@@ -340,7 +349,7 @@ def matvec_q4(packed, scale, x, y):
         cs = np.empty(scale.shape[1], np.float32)
         for r in range(c * rows // _Q4_CHUNKS, (c + 1) * rows // _Q4_CHUNKS):
             corr = _combined_scales(scale[r], xscale, xcorr, cs)
-            y[r] = _q4_row_dot(packed[r], xq, cs) - corr
+            y[r] = _q4_row_dot(packed[r], xq, cs) - corr + _bias(b, r)
 
 
 @njit(**_opts)

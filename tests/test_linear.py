@@ -48,8 +48,10 @@ def test_int8_matches_numpy(t):
     w = _w(130, 320)
     q, s = Q.quantize_int8(w)
     x = _x(t, 320)
+    b = rng.standard_normal(130).astype(np.float32)
     ref = x.astype(np.float64) @ (q.astype(np.float64) * s[:, None]).T
     np.testing.assert_allclose(L.linear(x, Q.Int8Weight(q, s)), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(L.linear(x, Q.Int8Weight(q, s), b), ref + b, rtol=1e-4, atol=1e-4)
     assert np.abs(q.astype(np.float32) * s[:, None] - w).max() <= s.max() / 2 + 1e-7
 
 
@@ -100,6 +102,8 @@ def test_int4_decode_matches_numpy_with_quantized_activations():
     ref = (xq * np.repeat(xs, Q.Q4_GROUP)).astype(np.float64) @ dense.T.astype(np.float64)
     y = L.linear(x, Q.Int4Weight(p, s))
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+    b = rng.standard_normal(90).astype(np.float32)
+    np.testing.assert_allclose(L.linear(x, Q.Int4Weight(p, s), b), ref + b, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(y, x @ dense.T, rtol=0.03, atol=0.03 * np.abs(ref).max())
 
 
