@@ -132,6 +132,9 @@ def write_report(R, doc: Path, png: Path):
                 w(f"| {k} | {_f(a['best'], 1)} | {_f(a['median'], 1)} | {_f(a['cpu_per_wall'])} | "
                   f"{_f(b['best'], 1)} | {_f(b['median'], 1)} | {_f(b['cpu_per_wall'])} |")
         w("")
+        w("The 2-thread CPU/wall of a single format is rough here: Linux accounts the worker "
+          "thread's CPU time at scheduler ticks, and these calls take well under a tick, so part "
+          "of one format's CPU time can land on the format timed next (their mean is what holds).\n")
 
     dec = R.get("decode", {})
     if "variants" in dec:
