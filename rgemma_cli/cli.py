@@ -326,7 +326,8 @@ def info(model: Annotated[str, typer.Argument(metavar="MODEL",
     state = State.zeros(cfg).nbytes
     t = Table(show_header=False, box=None)
     for k, v in [("model", model), ("path", str(path)), ("parameters", f"{params:,}"),
-                 ("weight bytes", f"{nbytes:,} ({nbytes / 2**30:.2f} GiB)"),
+                 ("weight bytes", f"{nbytes:,} ({nbytes / 2**30:.2f} GiB)" if nbytes >= 2**30
+                  else f"{nbytes:,} ({nbytes / 2**20:.2f} MiB)"),
                  ("linear weights", ", ".join(matrices)),
                  ("embedding / head", weight_format(head)),
                  ("state size", f"{state:,} bytes ({state / 2**20:.2f} MiB) at >= "
