@@ -316,7 +316,7 @@ def info(model: Annotated[str, typer.Argument(metavar="MODEL",
     from .state import State
 
     path = resolve(model)
-    m, tok = load(model)
+    m, tok = load(path)  # (not `model`: a repo id would be looked up on the Hub twice)
     head = m.weights["model.embed_tokens.weight"]
     matrices = sorted({weight_format(w) for n, w in m.weights.items()
                        if n.endswith("proj.weight") or n.endswith("linear_out.weight")})

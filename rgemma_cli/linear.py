@@ -74,7 +74,7 @@ def matvec(w, x: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
     """y = w @ x + b for one float32 vector x (in,), streaming w once. Returns (out,) float32."""
     blas_threads(1)
     y = np.empty(w.shape[0], np.float32)
-    b = _NO_BIAS if b is None else np.ascontiguousarray(b, np.float32)
+    b = _NO_BIAS if b is None else b  # biases are float32 from load: no conversion per token
     if isinstance(w, Int8Weight):
         kernels.matvec_i8(w.q, w.scale, x, b, y)
     elif isinstance(w, Int4Weight):
