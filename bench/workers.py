@@ -145,7 +145,7 @@ def kernel_share(model, state, n) -> tuple[dict, object]:
     (matvec of every format, with the activation quantization of the int8 / 4-bit ones, and the
     RG-LRU gate blocks) against the whole step, by timing those kernels through wrappers for n
     tokens. Returns (shares, state)."""
-    from rgemma_cli import matvec
+    from rgemma_cli.kernels import matvec
     names = ["matvec", "matvec_f16", "matvec_i8", "matvec_q4", "block_diagonal_vec"]
     spent = dict.fromkeys(names, 0.0)
     originals = {k: getattr(matvec, k) for k in names}
@@ -407,13 +407,13 @@ def w_kernels(args) -> dict:
     """GB/s of weights streamed by each matvec kernel (one 7680 x 2560 MLP-sized matrix per
     format, 4 of them cycled so that nothing stays in cache), 1 and 2 threads, interleaved."""
     import numba
-    from rgemma_cli import linear, quantize
+    from rgemma_cli import formats, linear, quantize
     from rgemma_cli.safetensors import f32_to_bf16
     rng = np.random.default_rng(0)
     f32 = [rng.standard_normal((7680, 2560), dtype=np.float32) * 0.02 for _ in range(4)]
     fmts = {"f32": f32, "bf16": [f32_to_bf16(w) for w in f32],
-            "int8": [quantize.Int8Weight(*quantize.quantize_int8(w)) for w in f32],
-            "q4": [quantize.Int4Weight(*quantize.quantize_int4(w)) for w in f32]}
+            "int8": [formats.Int8Weight(*quantize.quantize_int8(w)) for w in f32],
+            "q4": [formats.Int4Weight(*quantize.quantize_int4(w)) for w in f32]}
     x = rng.standard_normal(2560, dtype=np.float32)
     out = {}
     for threads in args.get("threads", (1, 2)):
@@ -468,7 +468,7 @@ def w_elementwise(args) -> dict:
     """The RG-LRU's elementwise work (gates, decay, input scaling) and its scan, for a 2048-token
     chunk and for one decoded row (2B width): NumPy ufuncs against one Numba loop, and the scan
     as a NumPy loop over time against the Numba kernel. Best of `reps`, milliseconds."""
-    from rgemma_cli.kernels import rg_lru_scan
+    from rgemma_cli.kernels.sequence import rg_lru_scan
     from rgemma_cli.model import sigmoid, softplus
 
     R, reps = 2560, args.get("reps", 7)

@@ -18,6 +18,7 @@ import numpy as np
 
 from .config import ATTENTION, ModelConfig, read_config_json
 from .errors import RgemmaError
+from .formats import from_stored
 from .safetensors import SafetensorsFile, bf16_to_f32
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "weights" / "demo"
@@ -148,7 +149,7 @@ def load_weights(directory: str | Path):
 
     Returns (config, weights, fingerprint): weights maps HF names to arrays; 2-D matrices stay
     memory-mapped in their stored dtype (bf16 as uint16 bits, or the int8 / 4-bit objects of
-    `quantize` for a quantized checkpoint), and so do bf16 RG-LRU gate blocks; small tensors
+    `formats` for a quantized checkpoint), and so do bf16 RG-LRU gate blocks; small tensors
     become float32.
     """
     directory = Path(directory)
@@ -160,8 +161,7 @@ def load_weights(directory: str | Path):
     tensors = {name: f.tensor(name) for name, f in files.items() if name not in IGNORED}
     quantization = config.get("quantization")
     if quantization is not None:
-        from .quantize import wrap_tensors
-        tensors = wrap_tensors(tensors, {"quantization": quantization})
+        tensors = from_stored(tensors, {"quantization": quantization})
 
     shapes = expected_shapes(cfg)
     for problem, names in (("is missing", sorted(set(shapes) - set(tensors))),

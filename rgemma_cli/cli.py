@@ -312,7 +312,7 @@ def info(model: Annotated[str, typer.Argument(metavar="MODEL",
 
     from . import load
     from .checkpoint import resolve
-    from .quantize import weight_format
+    from .formats import describe as weight_format
     from .state import State
 
     path = resolve(model)

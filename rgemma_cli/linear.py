@@ -1,8 +1,8 @@
-"""Linear layers over weights kept in their stored format: f32, f16, bf16 (uint16 bits), and the
-int8 / 4-bit weights of `quantize.py`. Weights are never widened to a full f32 copy.
+"""Linear layers over weights kept in their stored format (`formats`: f32, f16, bf16, int8,
+4-bit). Weights are never widened to a full f32 copy.
 
 - One row (decode): a Numba kernel streams the weight once, widening in registers, parallel
-  over output rows (`matvec.py`). Reading the weights is the whole cost of a decoded token.
+  over output rows (`kernels/matvec.py`). Reading the weights is the whole cost of a decoded token.
   int8 and 4-bit weights meet quantized activations (int16 per vector, int8 per group of 64) in
   integer dot products. A few rows (up to `_STREAM_ROWS`) are streamed row by row too: widening
   a whole model serially costs more than reading it a few times.
@@ -10,7 +10,7 @@ int8 / 4-bit weights of `quantize.py`. Weights are never widened to a full f32 c
   function into a reused f32 buffer, then OpenBLAS sgemm multiplies the block on both cores.
 
 Numba's and OpenBLAS's thread pools must not run at the same time: the idle workers of one
-spin on the cores the other needs (perf-notes items 6 and 9; a small attention gemm before a
+spin on the cores the other needs (docs/kernels.md, "One thread pool at a time"; a small attention gemm before a
 matvec made it ~5x slower here). So decode switches OpenBLAS to one thread (the model's other
 small BLAS calls then run on the caller's thread) and prefill gives it all cores back.
 """
@@ -24,8 +24,8 @@ import threading
 
 import numpy as np
 
-from . import matvec as kernels
-from .quantize import Int4Weight, Int8Weight
+from .formats import as_weight
+from .kernels import matvec as kernels
 from .safetensors import bf16_to_f32
 
 _BLOCK_BYTES = 32 << 20  # f32 bytes of weight rows per sgemm call (8 MB blocks ran at half speed)
@@ -67,47 +67,27 @@ def blas_threads(n: int | None) -> None:
 # -- the layer -------------------------------------------------------------------------------
 
 
-_NO_BIAS = np.zeros(0, np.float32)
-
-
 def matvec(w, x: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
-    """y = w @ x + b for one float32 vector x (in,), streaming w once. Returns (out,) float32."""
+    """y = w @ x + b for one float32 vector x (in,), streaming w once. Returns (out,) float32.
+
+    b is float32 (out,) or None (biases are float32 from load: no conversion per token)."""
     blas_threads(1)
     y = np.empty(w.shape[0], np.float32)
-    b = _NO_BIAS if b is None else b  # biases are float32 from load: no conversion per token
-    if isinstance(w, Int8Weight):
-        kernels.matvec_i8(w.q, w.scale, x, b, y)
-    elif isinstance(w, Int4Weight):
-        kernels.matvec_q4(w.packed, w.scale, x, b, y)
-    elif w.dtype == np.float16:
-        kernels.matvec_f16(w.view(np.uint16), x, b, y)
-    else:  # bf16 bits or f32
-        kernels.matvec(w if w.dtype == np.uint16 else np.ascontiguousarray(w, np.float32), x, b, y)
+    as_weight(w).matvec(x, b, y)
     return y
 
 
 def widen_rows(w, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
     """Rows lo:hi of w as float32 (into `out` if given), serially: no thread pool is woken."""
-    if isinstance(w, (Int8Weight, Int4Weight)):
-        return w.dequantize(lo, hi, out)
-    block = w[lo:hi]
-    if block.dtype == np.float32 and out is None:
-        return block
-    out = np.empty(block.shape, np.float32) if out is None else out
-    if block.dtype == np.uint16:
-        kernels.widen_bf16(block, out)
-    elif block.dtype == np.float16:
-        kernels.widen_f16(block.view(np.uint16), out)
-    else:
-        out[...] = block
-    return out
+    return as_weight(w).widen(lo, hi, out)
 
 
 def _matmul(x: np.ndarray, w) -> np.ndarray:
     """x (T, in) @ w.T by row blocks of w widened into the reused buffer, then sgemm."""
     blas_threads(None)
-    if isinstance(w, np.ndarray) and w.dtype == np.float32:
-        return x @ w.T
+    w = as_weight(w)
+    if w.f32 is not None:  # already float32: sgemm reads it as it is
+        return x @ w.f32.T
     out_rows, n = w.shape
     rows = max(1, min(out_rows, _BLOCK_BYTES // (4 * n)))
     rows = -(-out_rows // -(-out_rows // rows))  # equal blocks: no small last sgemm

@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import ATTENTION, ModelConfig
 from .errors import RgemmaError
-from .kernels import local_attention_kernel, rg_lru_scan
+from .kernels.sequence import local_attention_kernel, rg_lru_scan
 from .linear import block_diagonal, embed, linear
 from .state import AttentionState, RecurrentState, State
 

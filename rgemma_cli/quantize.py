@@ -1,11 +1,12 @@
-"""Quantized weights: int8 per output channel and 4-bit with per-group scales.
+"""The offline quantizer (`rgemma quantize`): int8 per output channel and 4-bit with per-group
+scales. The runtime side (the weight objects and their kernels) is `formats`.
 
 A quantized checkpoint keeps the Hugging Face layout and names. Each quantized linear weight
 `X.weight` is stored as
   int8   `X.weight` I8 (out, in)           + `X.weight_scale` F32 (out,)       w = q * scale[r]
   4-bit  `X.weight` U8 (out, in/2) packed  + `X.weight_scale` BF16 (out, in/G) w = (nib - 8) * scale[r, g]
 where in every group of G = 64 weights byte j holds weight j in its low nibble and weight j + 32
-in its high nibble (the layout `matvec.matvec_q4` reads with 256-bit integer dot products), and
+in its high nibble (the layout `kernels.matvec.matvec_q4` reads with 256-bit integer dot products), and
 config.json gains `"quantization": {"method": "rgemma", "bits", "group_size", "embedding_bits"}`.
 
 What stays at full precision: the RG-LRU parameters (recurrence and gate blocks), conv1d, norms
@@ -26,65 +27,18 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import IGNORED, open_tensors
 from .config import read_config_json
 from .errors import RgemmaError
+from .formats import Q4_GROUP, SCALE_SUFFIX
 from .safetensors import SafetensorsFile, bf16_to_f32, f32_to_bf16, write_safetensors
 
-Q4_GROUP = 64  # must equal matvec.Q4_GROUP (kept literal here so quantizing needs no Numba)
-SCALE_SUFFIX = "_scale"
 QUANTIZED_LAYERS = ("mlp_block.gate_proj", "mlp_block.up_proj", "mlp_block.down_proj",
                     "temporal_block.linear_x", "temporal_block.linear_y",
                     "temporal_block.linear_out", "temporal_block.q_proj",
                     "temporal_block.k_proj", "temporal_block.v_proj", "temporal_block.o_proj")
 EMBEDDING = "model.embed_tokens.weight"
 _ROWS = 8192  # rows quantized at a time (bounds the f32 working memory)
-
-
-class Int8Weight:
-    """int8 weight (out, in) with one f32 scale per output row."""
-
-    bits = 8
-
-    def __init__(self, q: np.ndarray, scale: np.ndarray):
-        if q.dtype != np.int8 or q.ndim != 2 or scale.shape != (q.shape[0],):
-            raise RgemmaError(f"bad int8 weight: {q.dtype} {q.shape} with scales {scale.shape}")
-        self.q, self.scale = q, np.asarray(scale, np.float32)
-        self.shape = q.shape
-        self.nbytes = q.nbytes + self.scale.nbytes
-
-    def dequantize(self, lo: int = 0, hi: int | None = None, out: np.ndarray | None = None):
-        """Rows lo:hi as float32."""
-        from . import matvec
-        q, s = self.q[lo:hi], self.scale[lo:hi]
-        out = np.empty(q.shape, np.float32) if out is None else out
-        matvec.dequant_i8(q, s, out)
-        return out
-
-
-class Int4Weight:
-    """4-bit weight (out, in): packed nibbles (out, in/2) uint8, scales (out, in/G) as bf16 bits
-    (uint16) or float32."""
-
-    bits = 4
-
-    def __init__(self, packed: np.ndarray, scale: np.ndarray):
-        if (packed.dtype != np.uint8 or packed.ndim != 2 or scale.ndim != 2
-                or scale.shape[0] != packed.shape[0]
-                or packed.shape[1] * 2 != scale.shape[1] * Q4_GROUP):
-            raise RgemmaError(f"bad 4-bit weight: packed {packed.shape} with scales "
-                              f"{scale.shape} (group size must be {Q4_GROUP})")
-        self.packed = packed
-        self.scale = scale if scale.dtype == np.uint16 else np.asarray(scale, np.float32)
-        self.group = Q4_GROUP
-        self.shape = (packed.shape[0], packed.shape[1] * 2)
-        self.nbytes = packed.nbytes + self.scale.nbytes
-
-    def dequantize(self, lo: int = 0, hi: int | None = None, out: np.ndarray | None = None):
-        from . import matvec
-        p, s = self.packed[lo:hi], self.scale[lo:hi]
-        out = np.empty((p.shape[0], self.shape[1]), np.float32) if out is None else out
-        matvec.dequant_q4(p, s, self.group, out)
-        return out
 
 
 # -- quantizing ------------------------------------------------------------------------------
@@ -182,7 +136,6 @@ def quantize_checkpoint(src_dir, out_dir, bits: int, *, embedding_bits: int | No
     if out.resolve() == src.resolve():
         raise RgemmaError("the output directory must differ from the model directory")
     out.mkdir(parents=True, exist_ok=True)
-    from .checkpoint import IGNORED, open_tensors  # (checkpoint imports this module lazily too)
     names = [(f, n) for n, f in open_tensors(src).items() if n not in IGNORED]
 
     shards, pending, size = [], {}, 0
@@ -231,45 +184,4 @@ def quantize_checkpoint(src_dir, out_dir, bits: int, *, embedding_bits: int | No
     config["quantization"] = {"method": "rgemma", "bits": bits, "group_size": Q4_GROUP,
                               "embedding_bits": embedding_bits}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out
-
-
-def weight_format(w) -> str:
-    """How a weight is stored, for people: "bf16", "int8 (per-row scales)", "4-bit (groups of
-    64, bf16 scales)", ..."""
-    if isinstance(w, Int4Weight):
-        return f"4-bit (groups of {w.group}, {'bf16' if w.scale.dtype == np.uint16 else 'f32'} scales)"
-    if isinstance(w, Int8Weight):
-        return "int8 (per-row scales)"
-    return {np.dtype(np.uint16): "bf16", np.dtype(np.float16): "f16"}.get(w.dtype, str(w.dtype).replace("float", "f"))
-
-
-# -- loading ---------------------------------------------------------------------------------
-
-
-def wrap_tensors(tensors: dict, config: dict | None = None) -> dict:
-    """Turn the raw tensors of a quantized checkpoint into weight objects.
-
-    Every `X.weight` with a companion `X.weight_scale` becomes an Int8Weight (I8 data) or an
-    Int4Weight (U8 packed data); the `_scale` entries are dropped; everything else passes through
-    unchanged (memory-mapped arrays stay memory-mapped). `config` (the config.json dict) is
-    only checked for consistency.
-    """
-    quant = (config or {}).get("quantization")
-    if quant is not None and quant.get("method") != "rgemma":
-        raise RgemmaError(f"unsupported quantization {quant!r} (rgemma reads its own int8/4-bit "
-                          "checkpoints, written by `rgemma quantize`)")
-    out = {}
-    for name, t in tensors.items():
-        if name.endswith(SCALE_SUFFIX) and name[:-len(SCALE_SUFFIX)] in tensors:
-            continue
-        scale = tensors.get(name + SCALE_SUFFIX)
-        if scale is None:
-            out[name] = t
-        elif t.dtype == np.int8:
-            out[name] = Int8Weight(t, scale)
-        elif t.dtype == np.uint8:
-            out[name] = Int4Weight(t, scale)
-        else:
-            raise RgemmaError(f"tensor {name!r} has scales but dtype {t.dtype}")
     return out

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rgemma_cli.kernels import local_attention_kernel, rg_lru_scan
+from rgemma_cli.kernels.sequence import local_attention_kernel, rg_lru_scan
 from rgemma_cli.model import slot_positions
 
 

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from rgemma_cli import linear as L
-from rgemma_cli import matvec as mv
+from rgemma_cli import formats as F
 from rgemma_cli import quantize as Q
+from rgemma_cli.kernels import matvec as mv
 from rgemma_cli.safetensors import bf16_to_f32, f32_to_bf16
 
 rng = np.random.default_rng(0)
@@ -24,7 +25,7 @@ def _ref_int4(packed, scale):
     out, half = packed.shape
     g = scale.shape[1]
     scale = bf16_to_f32(scale) if scale.dtype == np.uint16 else scale
-    p = packed.reshape(out, g, Q.Q4_GROUP // 2).astype(np.int32)
+    p = packed.reshape(out, g, F.Q4_GROUP // 2).astype(np.int32)
     nib = np.concatenate([p & 15, p >> 4], axis=2) - 8
     return (nib * scale[..., None]).reshape(out, 2 * half).astype(np.float32)
 
@@ -50,8 +51,8 @@ def test_int8_matches_numpy(t):
     x = _x(t, 320)
     b = rng.standard_normal(130).astype(np.float32)
     ref = x.astype(np.float64) @ (q.astype(np.float64) * s[:, None]).T
-    np.testing.assert_allclose(L.linear(x, Q.Int8Weight(q, s)), ref, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(L.linear(x, Q.Int8Weight(q, s), b), ref + b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(L.linear(x, F.Int8Weight(q, s)), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(L.linear(x, F.Int8Weight(q, s), b), ref + b, rtol=1e-4, atol=1e-4)
     assert np.abs(q.astype(np.float32) * s[:, None] - w).max() <= s.max() / 2 + 1e-7
 
 
@@ -61,14 +62,14 @@ def test_int4_prefill_matches_numpy():
     assert s.dtype == np.uint16  # bf16 scales
     dense = _ref_int4(p, s)
     x = _x(5, 256)
-    np.testing.assert_allclose(L.linear(x, Q.Int4Weight(p, s)), x @ dense.T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(L.linear(x, F.Int4Weight(p, s)), x @ dense.T, rtol=1e-4, atol=1e-4)
 
 
 def test_int4_scales_beat_the_plain_peak_rule():
     """Each group's w^2-weighted error is at most that of Q4_0's rule (peak -> level -8,
     nothing clipped), and over a Gaussian matrix clearly less."""
     w = _w(64, 512)
-    g = w.reshape(64, -1, Q.Q4_GROUP)
+    g = w.reshape(64, -1, F.Q4_GROUP)
     peak = np.take_along_axis(g, np.abs(g).argmax(2)[..., None], 2)
     plain = bf16_to_f32(f32_to_bf16(peak / -8.0))
     plain_err = (g * g * np.square(np.clip(np.rint(g / plain), -8, 7) * plain - g)).sum(2)
@@ -87,7 +88,7 @@ def test_int4_f32_scales_of_older_files_give_the_same_products():
     wide = bf16_to_f32(s)
     for t in (1, 5):
         x = _x(t, 256)
-        np.testing.assert_array_equal(L.linear(x, Q.Int4Weight(p, wide)), L.linear(x, Q.Int4Weight(p, s)))
+        np.testing.assert_array_equal(L.linear(x, F.Int4Weight(p, wide)), L.linear(x, F.Int4Weight(p, s)))
 
 
 def test_int4_decode_matches_numpy_with_quantized_activations():
@@ -96,14 +97,14 @@ def test_int4_decode_matches_numpy_with_quantized_activations():
     dense = _ref_int4(p, s)
     x = _x(1, 384)
     # the kernel quantizes x to int8 per group of 64: same arithmetic in NumPy
-    xg = x.reshape(-1, Q.Q4_GROUP)
+    xg = x.reshape(-1, F.Q4_GROUP)
     xs = np.where(np.abs(xg).max(1) > 0, np.abs(xg).max(1) / 127, 1).astype(np.float32)
     xq = np.rint(xg * (np.float32(1) / xs)[:, None]).reshape(1, -1)
-    ref = (xq * np.repeat(xs, Q.Q4_GROUP)).astype(np.float64) @ dense.T.astype(np.float64)
-    y = L.linear(x, Q.Int4Weight(p, s))
+    ref = (xq * np.repeat(xs, F.Q4_GROUP)).astype(np.float64) @ dense.T.astype(np.float64)
+    y = L.linear(x, F.Int4Weight(p, s))
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
     b = rng.standard_normal(90).astype(np.float32)
-    np.testing.assert_allclose(L.linear(x, Q.Int4Weight(p, s), b), ref + b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(L.linear(x, F.Int4Weight(p, s), b), ref + b, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(y, x @ dense.T, rtol=0.03, atol=0.03 * np.abs(ref).max())
 
 
@@ -124,9 +125,9 @@ def test_embed_every_format():
     bits = f32_to_bf16(w)
     np.testing.assert_array_equal(L.embed(bits, ids), bf16_to_f32(bits)[ids])
     q, s = Q.quantize_int8(w)
-    np.testing.assert_allclose(L.embed(Q.Int8Weight(q, s), ids), q[ids] * s[ids, None], rtol=1e-6)
+    np.testing.assert_allclose(L.embed(F.Int8Weight(q, s), ids), q[ids] * s[ids, None], rtol=1e-6)
     p, s4 = Q.quantize_int4(w)
-    np.testing.assert_allclose(L.embed(Q.Int4Weight(p, s4), ids), _ref_int4(p, s4)[ids], rtol=1e-6)
+    np.testing.assert_allclose(L.embed(F.Int4Weight(p, s4), ids), _ref_int4(p, s4)[ids], rtol=1e-6)
 
 
 def test_prefill_blocks_cover_all_rows(monkeypatch):

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from rgemma_cli import formats as F
 from rgemma_cli import quantize as Q
 from rgemma_cli.errors import RgemmaError
 from rgemma_cli.safetensors import SafetensorsFile, write_safetensors
@@ -27,7 +28,7 @@ def _model(directory):
     from rgemma_cli.config import ModelConfig
     from rgemma_cli.model import Griffin
     config = json.loads((directory / "config.json").read_text())
-    weights = Q.wrap_tensors(_tensors(directory), config)
+    weights = F.from_stored(_tensors(directory), config)
     return Griffin(ModelConfig.from_dict(config), weights), weights
 
 
@@ -58,9 +59,9 @@ def test_quantized_checkpoint_round_trip(tiny64, tmp_path, bits):
     assert raw[name + "_scale"].dtype == (np.float32 if bits == 8 else np.uint16)  # 4-bit: BF16
     assert raw["model.layers.0.temporal_block.rg_lru.recurrent_param"].dtype == np.float32
     assert raw["model.layers.0.temporal_block.conv_1d.weight"].dtype == np.float32
-    w = Q.wrap_tensors(raw, config)
+    w = F.from_stored(raw, config)
     assert not any(k.endswith("_scale") for k in w)
-    assert isinstance(w[name], Q.Int8Weight if bits == 8 else Q.Int4Weight)
+    assert isinstance(w[name], F.Int8Weight if bits == 8 else F.Int4Weight)
     assert w[name].shape == src[name].shape
     assert isinstance(w[name].scale, np.memmap) or w[name].scale.base is not None  # not copied
     dense = w[name].dequantize()
@@ -109,13 +110,13 @@ def test_refusals(tiny64, tmp_path):
     with pytest.raises(RgemmaError, match="already quantized"):
         Q.quantize_checkpoint(q, tmp_path / "again", 8)
     with pytest.raises(RgemmaError, match="unsupported quantization"):
-        Q.wrap_tensors({}, {"quantization": {"method": "gptq"}})
+        F.from_stored({}, {"quantization": {"method": "gptq"}})
 
 
 def test_weight_format_names_each_storage():
     w = np.ones((2, 64), np.float32)
     p, s = Q.quantize_int4(w)
-    assert Q.weight_format(Q.Int4Weight(p, s)) == "4-bit (groups of 64, bf16 scales)"
-    assert Q.weight_format(Q.Int4Weight(p, np.ones(s.shape, np.float32))) == "4-bit (groups of 64, f32 scales)"
-    assert Q.weight_format(Q.Int8Weight(*Q.quantize_int8(w))) == "int8 (per-row scales)"
-    assert [Q.weight_format(w.astype(t)) for t in (np.float32, np.float16, np.uint16)] == ["f32", "f16", "bf16"]
+    assert F.describe(F.Int4Weight(p, s)) == "4-bit (groups of 64, bf16 scales)"
+    assert F.describe(F.Int4Weight(p, np.ones(s.shape, np.float32))) == "4-bit (groups of 64, f32 scales)"
+    assert F.describe(F.Int8Weight(*Q.quantize_int8(w))) == "int8 (per-row scales)"
+    assert [F.describe(w.astype(t)) for t in (np.float32, np.float16, np.uint16)] == ["f32", "f16", "bf16"]

@@ -1,8 +1,8 @@
-"""Numba kernels for the linear layers: weight-streaming matrix-vector products (decode) and
-serial row-block widening into a reused f32 buffer (prefill, followed by sgemm).
+"""Numba kernels for decoding through the linear layers: weight-streaming matrix-vector products,
+one per weight format, parallel over output rows (prefill widens rows instead: `widen`).
 
 Decoding reads every weight once per token, so these kernels are bound by memory bandwidth.
-What makes them fast (see perf-notes): the per-row reduction lives in a small @njit helper called
+What makes them fast (docs/kernels.md): the per-row reduction lives in a small @njit helper called
 on the row view (an inline reduction in a prange body is not vectorised), bf16 and f16 are widened
 to f32 in registers by tiny LLVM intrinsics, and accumulation is f32 with fastmath so LLVM keeps
 several vector accumulators.
@@ -21,57 +21,14 @@ vector), the 4-bit kernel to int8 per group (see `matvec_i8`, `matvec_q4`).
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba import njit, prange
 
-# -- scalar conversions, inlined into the vectorised loops -----------------------------------
-
-
-@intrinsic
-def bf16_bits_to_f32(typingctx, u):
-    """bfloat16 bits (uint16) -> float32: zext, shift into the top half, bitcast."""
-    if u != types.uint16:
-        return None
-
-    def codegen(context, builder, signature, args):
-        v = builder.zext(args[0], ir.IntType(32))
-        v = builder.shl(v, ir.Constant(ir.IntType(32), 16))
-        return builder.bitcast(v, ir.FloatType())
-
-    return types.float32(types.uint16), codegen
-
-
-@intrinsic
-def f16_bits_to_f32(typingctx, u):
-    """IEEE half bits (uint16) -> float32 (vcvtph2ps)."""
-    if u != types.uint16:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return types.float32(types.uint16), codegen
-
+from .cpu import ISA, _q4_row_dot_x86
+from .widen import as_f32, f16_bits_to_f32
 
 # -- one row: small helpers so that LLVM vectorises the reduction ----------------------------
 
 _opts = dict(cache=True, fastmath=True, nogil=True)
-
-
-def as_f32(v):
-    """A stored weight element as float32: float32 as is, uint16 as bfloat16 bits."""
-    return np.float32(v)
-
-
-@overload(as_f32, inline="always")
-def _as_f32(v):
-    if v == types.uint16:
-        return lambda v: bf16_bits_to_f32(v)
-    if v == types.float32:
-        return lambda v: v
-    return None
 
 
 @njit(**_opts)
@@ -122,100 +79,8 @@ def _dot_i8(w, x16):
     return acc + np.float32(d)
 
 
-def _isa() -> str:
-    """Which integer-dot instructions the host has: "vnni", "avx2" or "" (portable loop)."""
-    try:
-        from llvmlite import binding
-        from numba.core import config
-        if config.CPU_NAME not in (None, "host"):  # NUMBA_CPU_NAME=generic etc.: no host ISA
-            return ""
-        f = binding.get_host_cpu_features()
-        if f.get("avx512vnni") and f.get("avx512vl"):
-            return "vnni"
-        if f.get("avxvnni"):
-            return "vnni"
-        if f.get("avx2"):
-            return "avx2"
-    except Exception:  # non-x86 hosts or an llvmlite without feature queries
-        pass
-    return ""
-
-
-ISA = _isa()
 Q4_GROUP = 64  # weights per 4-bit group: 32 packed bytes, one 256-bit register
 
-
-def _q4_group_dot_ir(builder, mod, b, x0, x1):
-    """<8 x i32> partial sums of nibbles(b) . (x0, x1) for one group (x86 only)."""
-    i8x32, i16x16, i32x8 = (ir.VectorType(ir.IntType(n), c) for n, c in ((8, 32), (16, 16), (32, 8)))
-    lo = builder.and_(b, ir.Constant(i8x32, [15] * 32))
-    hi = builder.lshr(b, ir.Constant(i8x32, [4] * 32))
-    if ISA == "vnni":  # u8 x s8, four products summed into each i32 lane
-        fn = cgutils.get_or_insert_function(mod, ir.FunctionType(i32x8, [i32x8] * 3),
-                                            "llvm.x86.avx512.vpdpbusd.256")
-        d = builder.call(fn, [ir.Constant(i32x8, None), builder.bitcast(lo, i32x8),
-                              builder.bitcast(x0, i32x8)])
-        return builder.call(fn, [d, builder.bitcast(hi, i32x8), builder.bitcast(x1, i32x8)])
-    # AVX2: u8 x s8 -> i16 pair sums (|15 * 127 * 2| cannot saturate), then i16 pairs -> i32
-    mub = cgutils.get_or_insert_function(mod, ir.FunctionType(i16x16, [i8x32, i8x32]),
-                                         "llvm.x86.avx2.pmadd.ub.sw")
-    mwd = cgutils.get_or_insert_function(mod, ir.FunctionType(i32x8, [i16x16, i16x16]),
-                                         "llvm.x86.avx2.pmadd.wd")
-    s16 = builder.add(builder.call(mub, [lo, x0]), builder.call(mub, [hi, x1]))
-    return builder.call(mwd, [s16, ir.Constant(i16x16, [1] * 16)])
-
-
-_Q4_UNROLL = 4  # groups per loop trip, each with its own accumulator: with one, every group
-# waited on the previous group's add (~10% slower on one thread, cache-resident)
-
-
-@intrinsic
-def _q4_row_dot_x86(typingctx, row, xq, cs):
-    """sum_g cs[g] * (nibbles of group g . xq of group g), x86 SIMD; cs[g] (f32) is the
-    row's scale times x's scale for group g (`_combined_scales`), so each group costs one
-    broadcast load besides its integer dot."""
-    def codegen(context, builder, signature, args):
-        mod = builder.module
-        rowp, xqp, csp = (context.make_array(t)(context, builder, a).data
-                          for t, a in zip(signature.args, args))
-        nshape = context.make_array(signature.args[2])(context, builder, args[2]).shape
-        ngroups = builder.extract_value(nshape, 0)
-        i64, i32 = ir.IntType(64), ir.IntType(32)
-        i8x32 = ir.VectorType(ir.IntType(8), 32)
-        f32x8 = ir.VectorType(ir.FloatType(), 8)
-        fma = ("contract",)
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(f32x8, None)) for _ in range(_Q4_UNROLL)]
-
-        def load32(p, g, stride, offset):
-            q = builder.gep(p, [builder.add(builder.mul(g, ir.Constant(i64, stride)), ir.Constant(i64, offset))])
-            return builder.load(builder.bitcast(q, i8x32.as_pointer()), align=1)
-
-        def group(g, acc):  # acc += (group g's integer dot) * cs[g]
-            d = _q4_group_dot_ir(builder, mod, load32(rowp, g, 32, 0), load32(xqp, g, 64, 0),
-                                 load32(xqp, g, 64, 32))
-            s = builder.load(builder.gep(csp, [g]))
-            sv = builder.insert_element(ir.Constant(f32x8, None), s, ir.Constant(i32, 0))
-            sv = builder.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(i32, 8), [0] * 8))
-            prod = builder.fmul(builder.sitofp(d, f32x8), sv, flags=fma)
-            builder.store(builder.fadd(builder.load(acc), prod, flags=fma), acc)
-
-        trips = builder.udiv(ngroups, ir.Constant(i64, _Q4_UNROLL))
-        with cgutils.for_range(builder, trips) as loop:
-            base = builder.mul(loop.index, ir.Constant(i64, _Q4_UNROLL))
-            for u, acc in enumerate(accs):
-                group(builder.add(base, ir.Constant(i64, u)), acc)
-        done = builder.mul(trips, ir.Constant(i64, _Q4_UNROLL))
-        with cgutils.for_range(builder, builder.sub(ngroups, done)) as loop:
-            group(builder.add(done, loop.index), accs[0])
-        v = builder.load(accs[0])
-        for acc in accs[1:]:
-            v = builder.fadd(v, builder.load(acc))
-        total = builder.extract_element(v, ir.Constant(i32, 0))
-        for k in range(1, 8):
-            total = builder.fadd(total, builder.extract_element(v, ir.Constant(i32, k)))
-        return total
-
-    return types.float32(row, xq, cs), codegen
 
 
 @njit(**_opts)
@@ -371,43 +236,3 @@ def block_diagonal_vec(x, w, b, y):
         yh = y[h * m:(h + 1) * m]
         yh[:] = b[h]
         _vec_mat_acc(x[h * n:(h + 1) * n], w[h], yh)
-
-
-# -- prefill: widen a block of rows into a reused f32 buffer (serial: BLAS owns the cores) ----
-
-
-@njit(**_opts)
-def widen_bf16(w, out):
-    for r in range(w.shape[0]):
-        src, dst = w[r], out[r]
-        for i in range(src.size):
-            dst[i] = bf16_bits_to_f32(src[i])
-
-
-@njit(**_opts)
-def widen_f16(w, out):
-    for r in range(w.shape[0]):
-        src, dst = w[r], out[r]
-        for i in range(src.size):
-            dst[i] = f16_bits_to_f32(src[i])
-
-
-@njit(**_opts)
-def dequant_i8(w, scale, out):
-    for r in range(w.shape[0]):
-        src, dst, s = w[r], out[r], scale[r]
-        for i in range(src.size):
-            dst[i] = np.float32(src[i]) * s
-
-
-@njit(**_opts)
-def dequant_q4(packed, scale, group, out):
-    half = group // 2
-    for r in range(packed.shape[0]):
-        src, dst = packed[r], out[r]
-        for g in range(scale.shape[1]):
-            s = as_f32(scale[r, g])
-            for j in range(half):
-                b = src[g * half + j]
-                dst[g * group + j] = np.float32(np.int32(b & 15) - 8) * s
-                dst[g * group + half + j] = np.float32(np.int32(b >> 4) - 8) * s

@@ -1,0 +1,98 @@
+"""Widening stored weight elements to float32: the bf16 / f16 conversions every kernel inlines,
+and the serial row-block widening (and int8 / 4-bit dequantization) that feeds sgemm in prefill.
+
+Serial on purpose: during prefill OpenBLAS owns the cores (docs/kernels.md, "One thread pool at
+a time"). The formats are listed in `matvec`'s docstring.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+_opts = dict(cache=True, fastmath=True, nogil=True)
+
+# -- scalar conversions, inlined into the vectorised loops -----------------------------------
+
+
+@intrinsic
+def bf16_bits_to_f32(typingctx, u):
+    """bfloat16 bits (uint16) -> float32: zext, shift into the top half, bitcast."""
+    if u != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = builder.zext(args[0], ir.IntType(32))
+        v = builder.shl(v, ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def f16_bits_to_f32(typingctx, u):
+    """IEEE half bits (uint16) -> float32 (vcvtph2ps)."""
+    if u != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+def as_f32(v):
+    """A stored weight element as float32: float32 as is, uint16 as bfloat16 bits."""
+    return np.float32(v)
+
+
+@overload(as_f32, inline="always")
+def _as_f32(v):
+    if v == types.uint16:
+        return lambda v: bf16_bits_to_f32(v)
+    if v == types.float32:
+        return lambda v: v
+    return None
+
+
+
+# -- prefill: widen a block of rows into a reused f32 buffer (serial: BLAS owns the cores) ----
+
+
+@njit(**_opts)
+def widen_bf16(w, out):
+    for r in range(w.shape[0]):
+        src, dst = w[r], out[r]
+        for i in range(src.size):
+            dst[i] = bf16_bits_to_f32(src[i])
+
+
+@njit(**_opts)
+def widen_f16(w, out):
+    for r in range(w.shape[0]):
+        src, dst = w[r], out[r]
+        for i in range(src.size):
+            dst[i] = f16_bits_to_f32(src[i])
+
+
+@njit(**_opts)
+def dequant_i8(w, scale, out):
+    for r in range(w.shape[0]):
+        src, dst, s = w[r], out[r], scale[r]
+        for i in range(src.size):
+            dst[i] = np.float32(src[i]) * s
+
+
+@njit(**_opts)
+def dequant_q4(packed, scale, group, out):
+    half = group // 2
+    for r in range(packed.shape[0]):
+        src, dst = packed[r], out[r]
+        for g in range(scale.shape[1]):
+            s = as_f32(scale[r, g])
+            for j in range(half):
+                b = src[g * half + j]
+                dst[g * group + j] = np.float32(np.int32(b & 15) - 8) * s
+                dst[g * group + half + j] = np.float32(np.int32(b >> 4) - 8) * s
