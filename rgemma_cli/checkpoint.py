@@ -20,13 +20,17 @@ from .config import ATTENTION, ModelConfig, read_config_json
 from .errors import RgemmaError
 from .formats import from_stored
 from .safetensors import SafetensorsFile, bf16_to_f32
+from .schema import parse_json, short
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "weights" / "demo"
 NEEDED_FILES = ["config.json", "generation_config.json", "model.safetensors",
                 "model.safetensors.index.json", "model-*.safetensors", "tokenizer.model"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# A copy of the tied embedding that the HF conversion wrote into the released checkpoints.
-IGNORED = {"lm_head.weight"}
+# A copy of the tied embedding that the HF conversion wrote into the released checkpoints; read
+# as the output head only when config.json says tie_word_embeddings: false.
+LM_HEAD = "lm_head.weight"
+IGNORED = {LM_HEAD}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 # -- finding the files --------------------------------------------------------------------------
@@ -83,6 +87,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     D, R, E, H, hd = cfg.hidden_size, cfg.lru_width, cfg.mlp_width, cfg.num_attention_heads, cfg.head_dim
     bw, kv = cfg.lru_block_width, cfg.num_key_value_heads * cfg.head_dim
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.final_norm.weight": (D,)}
+    if not cfg.tie_word_embeddings:
+        shapes[LM_HEAD] = (cfg.vocab_size, D)
     for i, kind in enumerate(cfg.layer_types):
         p = f"model.layers.{i}."
         shapes.update({
@@ -110,15 +116,25 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def open_tensors(directory: Path) -> dict[str, SafetensorsFile]:
-    """tensor name -> the file holding it, from the index or the single file."""
+    """tensor name -> the file holding it, from the index or the single file.
+
+    The index must be `{"weight_map": {tensor name: shard file name}}` with plain file names
+    (no directories: a shard is read only from `directory`); docs/file-formats.md."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise RgemmaError(f"{index} is not a valid safetensors index") from None
-        files = {s: SafetensorsFile(directory / s) for s in shards}
+            raw = index.read_bytes()
+        except OSError as e:
+            raise RgemmaError(f"cannot read {index}: {e.strerror or e}") from None
+        doc = parse_json(raw, f"{index} is not a valid safetensors index")
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise RgemmaError(f"{index} is not a valid safetensors index (no weight_map object)")
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str) or not _SHARD.match(shard):
+                raise RgemmaError(f"{index} is not a valid safetensors index: tensor {name!r} maps "
+                                  f"to {short(shard)}, not a .safetensors file name in {directory}")
+        files = {s: SafetensorsFile(directory / s) for s in sorted(set(weight_map.values()))}
         where = {}
         for name, shard in weight_map.items():
             if name not in files[shard].header:
@@ -132,16 +148,71 @@ def open_tensors(directory: Path) -> dict[str, SafetensorsFile]:
     return {name: f for name in f.keys()}
 
 
+FINGERPRINT_VERSION = 2
+_SAMPLES, _SAMPLE_BYTES = 16, 256  # per tensor: 16 evenly spaced runs of 256 bytes (4 KiB)
+
+
 def fingerprint(cfg: ModelConfig, files: dict[str, SafetensorsFile]) -> str:
-    """The model's identity: a digest of the config, every tensor's name, dtype and shape, and
-    the values of the 1-D tensors (norms, biases: a few MB that tell fine-tunes apart)."""
-    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    """The model's identity (v2): a SHA-256 of the config, every tensor's name, dtype and shape,
+    and bytes of every tensor: all of a tensor up to 4 KiB, else 16 evenly spaced runs of 256
+    bytes. A fine-tune changes every matrix, so it changes the sample; the cost is ~4 KiB read
+    per tensor (~1.3 MB for a 2B), not the checkpoint's GBs. Weights that differ only outside
+    the sample hash alike: the identity guards against resuming on the wrong model, not against
+    an adversary crafting a collision."""
+    h = hashlib.sha256(f"rgemma-fingerprint-v{FINGERPRINT_VERSION}".encode())
+    h.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
     for name in sorted(files):
         f = files[name]
         h.update(f"{name}:{f.dtype(name)}:{f.shape(name)};".encode())
-        if len(f.shape(name)) == 1:
-            h.update(f.tensor(name).tobytes())
+        data = f.raw_bytes(name)
+        n = len(data)
+        if n <= _SAMPLES * _SAMPLE_BYTES:
+            h.update(data)
+        else:
+            step = (n - _SAMPLE_BYTES) // (_SAMPLES - 1)
+            for k in range(_SAMPLES):
+                h.update(data[k * step:k * step + _SAMPLE_BYTES])
     return h.hexdigest()
+
+
+def check_finite(directory: str | Path, progress=None) -> list[str]:
+    """Scan every floating-point tensor of a checkpoint for NaN or Inf (`rgemma info --check`).
+
+    Returns the names of the tensors holding any, sorted. Reads every byte once (a 2B bf16:
+    ~5 GB, seconds from the page cache); int8 / 4-bit weights are checked through their
+    scales. `progress(done, total)` is called after each tensor if given."""
+    files = open_tensors(Path(directory))
+    bad, names = [], sorted(files)
+    for done, name in enumerate(names, 1):
+        f = files[name]
+        dtype = f.dtype(name)
+        if dtype in ("F32", "F16", "F64", "BF16"):
+            a = f.tensor(name).reshape(-1)
+            for i in range(0, a.size, 1 << 22):  # bounded working memory
+                block = a[i:i + (1 << 22)]
+                if dtype == "BF16":  # exponent all ones: Inf or NaN
+                    ok = not np.any((block & 0x7F80) == 0x7F80)
+                else:
+                    ok = bool(np.isfinite(block).all())
+                if not ok:
+                    bad.append(name)
+                    break
+        if progress:
+            progress(done, len(names))
+    return bad
+
+
+_SHARD = re.compile(r"^[^/\\\x00]+\.safetensors$")
+
+
+def _check_layer_count(cfg: ModelConfig, files, directory) -> None:
+    """Compare num_hidden_layers with the layers the checkpoint holds, before anything is built
+    from the config (a config claiming 10^6 layers is refused at once)."""
+    found = {int(m.group(1)) for m in map(_LAYER.match, files) if m}
+    n = max(found) + 1 if found else 0
+    if n != cfg.num_hidden_layers:
+        raise RgemmaError(f"config.json in {directory} says num_hidden_layers={cfg.num_hidden_layers} "
+                          f"but the checkpoint holds {n} layers")
 
 
 def load_weights(directory: str | Path):
@@ -158,9 +229,18 @@ def load_weights(directory: str | Path):
     config = read_config_json(directory / "config.json")
     cfg = ModelConfig.from_dict(config)
     files = open_tensors(directory)
-    tensors = {name: f.tensor(name) for name, f in files.items() if name not in IGNORED}
+    _check_layer_count(cfg, files, directory)
+    if cfg.tie_word_embeddings:
+        files = {n: f for n, f in files.items() if n not in IGNORED}  # the copy is not read
+    elif LM_HEAD not in files:
+        raise RgemmaError(f"config.json in {directory} says tie_word_embeddings: false but the "
+                          f"checkpoint has no {LM_HEAD}")
+    tensors = {name: f.tensor(name) for name, f in files.items()}
     quantization = config.get("quantization")
     if quantization is not None:
+        if not isinstance(quantization, dict):
+            raise RgemmaError(f"config.json in {directory}: quantization must be an object, got "
+                              f"{short(quantization)}")
         tensors = from_stored(tensors, {"quantization": quantization})
 
     shapes = expected_shapes(cfg)
@@ -185,5 +265,8 @@ def load_weights(directory: str | Path):
             gate_blocks = name.endswith("gate_weight") and dtype == "BF16"  # read per token too
             if not (matrix or gate_blocks):  # small: keep as float32
                 a = bf16_to_f32(a) if dtype == "BF16" else np.array(a, dtype=np.float32)
+                if not np.isfinite(a).all():  # cheap here (norms, biases); matrices: info --check
+                    raise RgemmaError(f"tensor {name} in {directory} holds NaN or Inf values; "
+                                      f"the checkpoint is corrupt")
         weights[name] = a
     return cfg, weights, fingerprint(cfg, files)

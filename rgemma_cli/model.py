@@ -166,6 +166,8 @@ class Griffin:
     def __post_init__(self):
         w = self.weights
         self.embed_tokens = w["model.embed_tokens.weight"]
+        # the output head: the embedding (tied, as released) or lm_head.weight when untied
+        self.lm_head = w.get("lm_head.weight", self.embed_tokens)
         self.final_norm = 1.0 + w["model.final_norm.weight"]
         self.layers = []
         for i, kind in enumerate(self.config.layer_types):
@@ -240,4 +242,4 @@ class Griffin:
             x = x[-1:]
         x = rms_norm(x, self.final_norm, cfg.rms_norm_eps)
         cap = np.float32(cfg.logits_soft_cap)
-        return np.tanh(linear(x, self.embed_tokens) / cap) * cap, new_state
+        return np.tanh(linear(x, self.lm_head) / cap) * cap, new_state

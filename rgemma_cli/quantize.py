@@ -136,7 +136,8 @@ def quantize_checkpoint(src_dir, out_dir, bits: int, *, embedding_bits: int | No
     if out.resolve() == src.resolve():
         raise RgemmaError("the output directory must differ from the model directory")
     out.mkdir(parents=True, exist_ok=True)
-    names = [(f, n) for n, f in open_tensors(src).items() if n not in IGNORED]
+    untied = config.get("tie_word_embeddings") is False  # then lm_head.weight is the head: keep it
+    names = [(f, n) for n, f in open_tensors(src).items() if untied or n not in IGNORED]
 
     shards, pending, size = [], {}, 0
     dtypes = {}

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import RgemmaError
+from .schema import is_int, parse_json
 
 DTYPES = {
     "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
@@ -43,24 +44,45 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _check_metadata(path, meta) -> dict:
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                             for k, v in meta.items()):
+        raise RgemmaError(f"{path}: corrupt safetensors header (__metadata__ must map strings "
+                          f"to strings)")
+    return meta
+
+
 class SafetensorsFile:
-    """One memory-mapped safetensors file; `tensor(name)` returns a read-only array view."""
+    """One memory-mapped safetensors file; `tensor(name)` returns a read-only array view.
+
+    The header is validated by the rules of the `safetensors` library (`Metadata::validate` in
+    its Rust crate; docs/file-formats.md) before any tensor is touched: a JSON object of
+    `{"dtype": str, "shape": [int >= 0], "data_offsets": [int, int]}` entries (no floats,
+    strings or booleans as numbers), which sorted by offset tile the data section exactly, from
+    0 to its end, with end - begin = prod(shape) x itemsize; `__metadata__` maps str to str.
+    Anything else raises RgemmaError naming the file.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            size = self.path.stat().st_size
             with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
                 head = f.read(8)
                 if len(head) < 8:
                     raise RgemmaError(f"{self.path}: truncated safetensors file (no header)")
                 (n,) = struct.unpack("<Q", head)
                 if n > MAX_HEADER or 8 + n > size:
                     raise RgemmaError(f"{self.path}: corrupt or truncated safetensors header")
-                try:
-                    header = json.loads(f.read(n).decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    raise RgemmaError(f"{self.path}: corrupt safetensors header (not JSON)") from None
+                header = parse_json(f.read(n), f"{self.path}: corrupt safetensors header")
+                if not isinstance(header, dict):
+                    raise RgemmaError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+                self.metadata = _check_metadata(self.path, header.pop("__metadata__", None))
+                self.data_start = 8 + n
+                self.header = header
+                self._check(size)
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
                 if self._map is not None and hasattr(mmap, "MADV_HUGEPAGE"):
                     # decode streams every weight once per token: huge pages spare TLB misses
@@ -69,26 +91,45 @@ class SafetensorsFile:
             raise RgemmaError(f"missing checkpoint file {self.path}") from None
         except IsADirectoryError:
             raise RgemmaError(f"{self.path} is a directory, not a safetensors file") from None
-        if not isinstance(header, dict):
-            raise RgemmaError(f"{self.path}: corrupt safetensors header")
-        self.metadata = header.pop("__metadata__", None) or {}
-        self.data_start = 8 + n
-        self.header = header
-        self._check(size)
+        except PermissionError:
+            raise RgemmaError(f"cannot read {self.path}: permission denied") from None
 
     def _check(self, size: int) -> None:
+        """The safetensors library's header rules; see the class docstring."""
+        spans = []
         for name, info in self.header.items():
-            try:
-                dtype = DTYPES[info["dtype"]]
-                shape = [int(s) for s in info["shape"]]
-                begin, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise RgemmaError(f"{self.path}: tensor {name!r} has an unsupported or corrupt "
-                                  f"header entry {info!r}") from None
-            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin < 0:
-                raise RgemmaError(f"{self.path}: tensor {name!r} byte range does not match its shape")
-            if self.data_start + end > size:
-                raise RgemmaError(f"{self.path}: truncated (tensor {name!r} ends past the end of the file)")
+            def bad(why):
+                return RgemmaError(f"{self.path}: tensor {name!r} has a corrupt header entry ({why})")
+            if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+                raise bad("needs dtype, shape and data_offsets")
+            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+            if not isinstance(dtype, str) or dtype not in DTYPES:
+                raise RgemmaError(f"{self.path}: tensor {name!r} has an unsupported dtype "
+                                  f"{str(dtype)[:20]!r} (rgemma reads {', '.join(DTYPES)})")
+            if not isinstance(shape, list) or not all(is_int(d) for d in shape):
+                raise bad("shape must be a list of non-negative integers")
+            if (not isinstance(offsets, list) or len(offsets) != 2
+                    or not all(is_int(o) for o in offsets) or offsets[1] < offsets[0]):
+                raise bad("data_offsets must be two non-negative integers [begin, end], begin <= end")
+            count = 1
+            for d in shape:
+                count *= d  # Python ints: a product that overflows 64 bits cannot match below
+            if offsets[1] - offsets[0] != count * DTYPES[dtype].itemsize:
+                raise RgemmaError(f"{self.path}: tensor {name!r} byte range does not match its "
+                                  f"shape and dtype")
+            spans.append((offsets[0], offsets[1], name))
+        end = 0
+        for begin, stop, name in sorted(spans):  # the tensors must tile the data: no overlap, no gap
+            if begin != end:
+                raise RgemmaError(f"{self.path}: tensor {name!r} "
+                                  f"{'overlaps another' if begin < end else 'leaves a gap before it'} "
+                                  f"(data_offsets must tile the data section)")
+            end = stop
+        if self.data_start + end > size:
+            raise RgemmaError(f"{self.path}: truncated (the tensors end past the end of the file)")
+        if self.data_start + end < size:
+            raise RgemmaError(f"{self.path}: corrupt ({size - self.data_start - end} bytes after "
+                              f"the last tensor)")
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -99,6 +140,13 @@ class SafetensorsFile:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.header[name]["shape"])
+
+    def raw_bytes(self, name: str) -> memoryview:
+        """The tensor's stored bytes (a read-only view of the mapped file; nothing is copied)."""
+        begin, end = self.header[name]["data_offsets"]
+        if self._map is None or begin == end:
+            return memoryview(b"")
+        return memoryview(self._map)[self.data_start + begin:self.data_start + end]
 
     def tensor(self, name: str) -> np.ndarray:
         """A zero-copy, read-only view of the tensor's bytes in the mapped file."""

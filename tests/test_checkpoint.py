@@ -121,8 +121,8 @@ def test_missing_extra_and_misshapen_tensors(tmp_path, weights):
     name = "model.layers.1.temporal_block.rg_lru.recurrent_param"
     d = write(tmp_path / "missing", {k: v for k, v in weights.items() if k != name})
     assert "missing tensor " + name in error_of(d)
-    d = write(tmp_path / "extra", dict(weights, **{"model.layers.9.foo.weight": np.zeros(3, np.float32)}))
-    assert "unexpected tensor model.layers.9.foo.weight" in error_of(d)
+    d = write(tmp_path / "extra", dict(weights, **{"model.layers.1.foo.weight": np.zeros(3, np.float32)}))
+    assert "unexpected tensor model.layers.1.foo.weight" in error_of(d)
     bad = dict(weights)
     bad["model.layers.2.temporal_block.q_proj.weight"] = np.zeros((31, 32), np.float32)
     assert "shape [31, 32], expected [32, 32]" in error_of(write(tmp_path / "shape", bad))
@@ -133,7 +133,7 @@ def test_config_that_does_not_match_the_weights(tmp_path, weights):
     cfg = json.loads((d / "config.json").read_text())
     cfg["num_hidden_layers"] = 4
     (d / "config.json").write_text(json.dumps(cfg))
-    assert "missing tensor model.layers.3" in error_of(d)
+    assert "num_hidden_layers=4 but the checkpoint holds 3 layers" in error_of(d)
 
 
 def test_unsupported_dtype(tmp_path, weights):
@@ -186,3 +186,122 @@ def test_hub_repo_id_from_a_prepopulated_cache_offline(tmp_path, weights):
     assert r.stdout.strip() == "OK 3", r.stderr
     r = _run_load("someorg/not-cached", env)
     assert r.returncode == 1 and "not in the local HF cache" in r.stdout and "HF_HUB_OFFLINE" in r.stdout
+
+
+# -- untrusted config.json, index and tensors (issue 11, item 1 and 4) --------------------------
+
+def _edit_config(d, **changes):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def test_a_million_layers_is_refused_at_once(tmp_path, weights):
+    d = write(tmp_path, weights)
+    _edit_config(d, num_hidden_layers=10**6)
+    assert "num_hidden_layers" in error_of(d)
+    _edit_config(d, num_hidden_layers=4000)  # within the bound: checked against the tensors
+    assert "num_hidden_layers=4000 but the checkpoint holds 3 layers" in error_of(d)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"rope_theta": 0.0}, "rope_theta"), ({"attention_window_size": 10**9}, "attention_window_size"),
+    ({"hidden_size": "32"}, "hidden_size"), ({"embeddings_scale_by_sqrt_dim": "no"}, "true or false"),
+    ({"quantization": "int8"}, "quantization must be an object"),
+])
+def test_bad_config_values_are_one_line(tmp_path, weights, changes, words):
+    d = write(tmp_path, weights)
+    _edit_config(d, **changes)
+    assert words in error_of(d)
+
+
+def test_untied_head_is_used_or_refused(tmp_path, weights):
+    d = write(tmp_path, weights, lm_head=True)
+    tied = logits_of(d)
+    head = np.random.default_rng(7).standard_normal(weights["model.embed_tokens.weight"].shape)
+    write_safetensors(d / "model.safetensors", dict(weights, **{"lm_head.weight": head.astype(np.float32)}))
+    assert np.array_equal(logits_of(d), tied)  # tied (the default): lm_head.weight is a copy, unread
+    _edit_config(d, tie_word_embeddings=False)
+    model, _ = load(str(d))
+    x = model.forward(TOKENS)[0]
+    assert not np.allclose(x, tied)
+    # the untied head computes exactly the logits of a tied model whose embedding were that head,
+    # for the last hidden state: check through the model's own pieces
+    assert model.lm_head is model.weights["lm_head.weight"]
+    write_safetensors(d / "model.safetensors", weights)
+    assert "tie_word_embeddings: false but the checkpoint has no lm_head.weight" in error_of(d)
+
+
+@pytest.mark.parametrize("weight_map, words", [
+    ({"model.final_norm.weight": 3}, "not a .safetensors file name"),
+    ({"model.final_norm.weight": ["model.safetensors"]}, "not a .safetensors file name"),
+    ({"model.final_norm.weight": "../model.safetensors"}, "not a .safetensors file name"),
+    ({"model.final_norm.weight": "/etc/passwd"}, "not a .safetensors file name"),
+    ([], "no weight_map"), ({}, "no weight_map"),
+])
+def test_bad_shard_index_is_refused(tmp_path, weights, weight_map, words):
+    d = write(tmp_path, weights, shards=2)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    if isinstance(weight_map, dict) and weight_map:
+        index["weight_map"].update(weight_map)
+    else:
+        index["weight_map"] = weight_map
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert words in error_of(d)
+
+
+def test_non_finite_norm_is_refused_at_load(tmp_path, weights):
+    bad = dict(weights)
+    bad["model.layers.1.channel_pre_norm.weight"] = bad["model.layers.1.channel_pre_norm.weight"].copy()
+    bad["model.layers.1.channel_pre_norm.weight"][3] = np.nan
+    assert "model.layers.1.channel_pre_norm.weight" in error_of(write(tmp_path, bad))
+
+
+def test_check_finite_names_every_bad_tensor(tmp_path, weights):
+    d = write(tmp_path / "ok", weights, dtype="bf16")
+    assert checkpoint.check_finite(d) == []
+    bad = dict(weights)
+    for name, v in (("model.embed_tokens.weight", np.inf), ("model.layers.2.temporal_block.o_proj.weight", np.nan)):
+        bad[name] = bad[name].copy()
+        bad[name].flat[5] = v
+    for dtype in ("f32", "bf16"):
+        d = write(tmp_path / dtype, bad, dtype=dtype)
+        assert checkpoint.check_finite(d) == ["model.embed_tokens.weight",
+                                              "model.layers.2.temporal_block.o_proj.weight"]
+
+
+# -- the shard index schema, property test ------------------------------------------------------
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from mutations import FUZZ, dumps, mutated, record  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, weights):
+    d = tmp_path_factory.mktemp("sharded") / "model"
+    synth.write_checkpoint(d, CFG, weights, shards=2)
+    return d, json.loads((d / "model.safetensors.index.json").read_text()), logits_of(d)
+
+
+@FUZZ
+@given(data=st.data())
+def test_property_mutated_index_is_refused_or_loads(sharded, tmp_path_factory, data):
+    src, index, ref = sharded
+    d = tmp_path_factory.mktemp("idx")
+    for p in src.iterdir():
+        (d / p.name).symlink_to(p)
+    (d / "model.safetensors.index.json").unlink()
+    (d / "model.safetensors.index.json").write_bytes(dumps(data.draw(mutated(index))))
+    try:
+        model, _ = load(str(d))
+    except RgemmaError as e:
+        record("shard index", "\n" not in str(e))
+        assert "\n" not in str(e)
+        return
+    except BaseException:
+        record("shard index", False)
+        raise
+    assert np.array_equal(model.forward(TOKENS)[0], ref)  # accepted: the same model
+    record("shard index", True)

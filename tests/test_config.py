@@ -1,6 +1,7 @@
 """ModelConfig: both config.json dialects, presets, and clear errors."""
 
 import json
+import re
 
 import pytest
 
@@ -91,3 +92,66 @@ def test_from_json_errors(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(RgemmaError, match="not a JSON object"):
         ModelConfig.from_json(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"rope_theta": 0}, "rope_theta must be positive"),
+    ({"rope_theta": -10000.0}, "rope_theta must be positive"),
+    ({"rope_theta": "10000"}, "rope_theta must be a finite number"),
+    ({"attention_window_size": 10**9}, "attention_window_size must be an integer in"),
+    ({"attention_window_size": 2048.0}, "attention_window_size must be an integer"),
+    ({"num_hidden_layers": 10**6}, "num_hidden_layers must be an integer in"),
+    ({"hidden_size": 10**12}, "hidden_size"),
+    ({"embeddings_scale_by_sqrt_dim": "no"}, "must be true or false"),
+    ({"tie_word_embeddings": "no"}, "must be true or false"),
+    ({"tie_word_embeddings": 0}, "must be true or false"),
+    ({"logits_soft_cap": True}, "logits_soft_cap must be a finite number"),
+    ({"rms_norm_eps": "1e-6"}, "rms_norm_eps must be a finite number"),
+    ({"partial_rotary_factor": 2.0}, "partial_rotary_factor"),
+    ({"eos_token_id": 256000}, "eos_token_id must be a token id"),
+    ({"eos_token_id": []}, "eos_token_id"),
+    ({"bos_token_id": "2"}, "bos_token_id"),
+    ({"rope_parameters": "x", "rope_theta": None}, "rope_parameters|rope_theta"),
+    ({"_block_types": "recurrent"}, "block_types must be a list"),
+    ({"_block_types": [["recurrent"]]}, "unknown block type"),
+    ({"head_dim": None, "num_attention_heads": "10"}, "hidden_size is not a multiple"),
+    ({"attention_window_size": 2**20, "num_hidden_layers": 3000}, "decode state would take"),
+])
+def test_values_of_the_wrong_type_or_range_are_refused(change, words):
+    with pytest.raises(RgemmaError) as e:
+        ModelConfig.from_dict(dict(RELEASED_2B_IT, **change))
+    assert re.search(words, str(e.value)) and "\n" not in str(e.value)
+
+
+def test_deeply_nested_config_json_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(RgemmaError, match="nested too deeply"):
+        ModelConfig.from_json(tmp_path / "config.json")
+
+
+# -- the config.json schema, property test: one field at a time ---------------------------------
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from mutations import FUZZ, dumps, mutated, record  # noqa: E402
+
+
+@FUZZ
+@given(data=st.data())
+def test_property_mutated_config_json_is_refused_or_loads(tmp_path_factory, data):
+    p = tmp_path_factory.mktemp("cfg") / "config.json"
+    p.write_bytes(dumps(data.draw(mutated(RELEASED_2B_IT))))
+    try:
+        cfg = ModelConfig.from_json(p)
+    except RgemmaError as e:
+        record("config.json", "\n" not in str(e))
+        assert "\n" not in str(e)
+        return
+    except BaseException:
+        record("config.json", False)
+        raise
+    # accepted: a config that validates again and round-trips exactly
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert cfg.state_bytes <= 16 << 30
+    record("config.json", True)
