@@ -370,6 +370,50 @@ def quantize(
         print(f"wrote {out}", file=sys.stderr)
 
 
+@app.command()
+@_user_errors
+def perplexity(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A UTF-8 text file, any length.")],
+    model: Model = DEFAULT_MODEL,
+    chunk_size: Annotated[int, typer.Option(
+        "-c", "--chunk-size", metavar="N", help="Tokens per forward pass; the state is carried "
+        "across chunks, so the result does not depend on it.")] = 512,
+    max_tokens: Annotated[Optional[int], typer.Option(
+        "-n", "--max-tokens", metavar="N", help="Score at most the first N tokens. [default: all]",
+        show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead.")] = False,
+    quiet: Quiet = False,
+):
+    """Perplexity of a text file: teacher-forced NLL of every token after BOS, in one sequence."""
+    from .perplexity import perplexity as score
+    from .perplexity import read_text
+
+    if chunk_size < 1:
+        raise RgemmaError(f"--chunk-size must be >= 1, got {chunk_size}")
+    if max_tokens is not None and max_tokens < 1:
+        raise RgemmaError(f"--max-tokens must be >= 1, got {max_tokens}")
+    text = read_text(file)  # fail on a bad file before loading weights
+    m, tok = load_model(model, quiet)
+    ids = tok.raw_prompt(text)
+    tty = not quiet and sys.stderr.isatty()
+
+    def progress(done, total, nll):
+        print(f"\r{done}/{total} tokens, perplexity so far {np.exp(nll):.4f}", end="",
+              file=sys.stderr, flush=True)
+
+    r = score(m, ids, chunk_size=chunk_size, max_tokens=max_tokens,
+              progress=progress if tty else None)
+    if tty:
+        print(file=sys.stderr)
+    if as_json:
+        print(json.dumps({"file": str(file), **r.to_dict(), "chunk_size": chunk_size}))
+        return
+    print(f"perplexity {r.perplexity:.4f} (mean NLL {r.nll:.4f} nats over {r.tokens} tokens)")
+    if not quiet:
+        print(f"{r.tokens} tokens in {r.seconds:.2f} s: {r.tokens_per_second:.1f} tok/s, "
+              f"{r.chunks} chunks of <= {chunk_size}", file=sys.stderr)
+
+
 @app.command("state")
 @_user_errors
 def state_cmd(file: Annotated[Path, typer.Argument(metavar="FILE", help="A state file.")]):
