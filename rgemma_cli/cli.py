@@ -414,6 +414,23 @@ def perplexity(
               f"{r.chunks} chunks of <= {chunk_size}", file=sys.stderr)
 
 
+@app.command()
+@_user_errors
+def bench(
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer rounds and a 256 MiB probe "
+                                        "(~10 s); without it, 20 rounds and a 1 GiB probe.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead.")] = False,
+):
+    """Self-check of this CPU: each weight format's decode kernel variant and its GB/s against
+    a read-bandwidth probe in the same process (the full benchmark is `make bench`)."""
+    from . import selfcheck
+    r = selfcheck.run(quick=quick)
+    if as_json:
+        print(json.dumps({**r, "rates": {f"{f}/{t}": v for (f, t), v in r["rates"].items()}}))
+    else:
+        print(selfcheck.render(r))
+
+
 @app.command("state")
 @_user_errors
 def state_cmd(file: Annotated[Path, typer.Argument(metavar="FILE", help="A state file.")]):

@@ -150,3 +150,14 @@ def test_block_diagonal_matches_numpy(t, stored):
     ref = np.concatenate([x[:, h * bw:(h + 1) * bw] @ w[h] + b[h] for h in range(H)], axis=1)
     got = L.block_diagonal(x, bits if stored == "bf16" else w, b)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 16, 255, 256, 257, 320, 2560, 7683])
+def test_int8_row_dot_is_the_exact_integer_dot(n):
+    # the x86 kernel (cpu._i8_row_dot_x86 when ISA is set) and the portable loop: int32 sums of
+    # 256 products are exact; only their conversion to float32 rounds
+    w = rng.integers(-127, 128, n, dtype=np.int8)
+    x16 = rng.integers(-32767, 32768, n).astype(np.int16)
+    exact = float(np.dot(w.astype(np.int64), x16.astype(np.int64)))
+    for dot in (mv._dot_i8, mv._dot_i8_portable):
+        assert dot(w, x16) == pytest.approx(exact, rel=1e-6, abs=1.0)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .cpu import ISA, _q4_row_dot_x86
+from .cpu import ISA, _i8_row_dot_x86, _q4_row_dot_x86
 from .widen import as_f32, f16_bits_to_f32
 
 # -- one row: small helpers so that LLVM vectorises the reduction ----------------------------
@@ -62,9 +62,10 @@ def _dot_f16(w, x):
 
 
 @njit(**_opts)
-def _dot_i8(w, x16):
+def _dot_i8_portable(w, x16):
     """Integer dot of int8 weights with int16 activations: int32 sums over runs of 256 (cannot
-    overflow: 256 * 127 * 32767 < 2**31), which LLVM turns into vpmaddwd; ~1.4x the f32 path."""
+    overflow: 256 * 127 * 32767 < 2**31), then float (the portable loop; x86 uses
+    `cpu._i8_row_dot_x86`, the same sums in 256-bit registers)."""
     acc = np.float32(0.0)
     n = w.size
     full = n - n % 256  # (a `min()` in the inner bound made this loop 200x slower)
@@ -79,9 +80,15 @@ def _dot_i8(w, x16):
     return acc + np.float32(d)
 
 
+if ISA:
+    @njit(**_opts)
+    def _dot_i8(w, x16):
+        return _i8_row_dot_x86(w, x16)
+else:
+    _dot_i8 = _dot_i8_portable
+
+
 Q4_GROUP = 64  # weights per 4-bit group: 32 packed bytes, one 256-bit register
-
-
 
 @njit(**_opts)
 def _q4_row_dot_portable(row, xq, cs):
