@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: install install-reference test test-live fixtures bench docs clean
+.PHONY: install install-reference test test-generic test-live fixtures bench docs clean
 
 install: $(BIN)/rgemma
 $(BIN)/rgemma: pyproject.toml
@@ -22,6 +22,11 @@ install-reference: install
 
 test:
 	$(BIN)/python -m pytest -q
+
+# The suite with Numba compiling for a generic x86-64 / aarch64 target: no host-specific kernel
+# (kernels/cpu.py selects the portable loops), as on a CPU the x86 paths do not know.
+test-generic:
+	NUMBA_CPU_NAME=generic $(BIN)/python -m pytest -q -p no:cacheprovider
 
 fixtures: install-reference
 	$(BIN)/python scripts/make_fixtures.py

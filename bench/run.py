@@ -28,6 +28,14 @@ WEIGHTS = ROOT / "weights"
 DOC = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "bench-throughput.png"
 PY = sys.executable
+HELDOUT = ROOT / "bench" / "heldout" / "declaration-of-independence.txt"
+CPUS = ROOT / "bench" / "cpus.json"  # committed: one summary per CPU family, for docs/benchmarks.md
+
+
+def _cpu_features() -> dict:
+    sys.path.insert(0, str(ROOT))
+    from rgemma_cli.kernels.cpu import features
+    return features()
 
 
 def log(msg):
@@ -118,6 +126,9 @@ def machine():
     import numba
     import numpy
     info.update(numpy=numpy.__version__, numba=numba.__version__)
+    sys.path.insert(0, str(ROOT))
+    from rgemma_cli.kernels.cpu import cpu_model, describe, features
+    info.update(cpu_model=cpu_model(), cpu_described=describe(), features=features())
     return info
 
 
@@ -145,7 +156,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer rounds and tokens (a smoke run)")
     ap.add_argument("--skip-9b", action="store_true", help="skip the 9B-shaped checkpoint (17 GB)")
     ap.add_argument("--skip-transformers", action="store_true")
-    ap.add_argument("--only", help="comma-separated phases to run (kernels,decode,versus,prefill,transformers,quality,elementwise,startup,9b); "
+    ap.add_argument("--only", help="comma-separated phases to run (kernels,decode,versus,prefill,prefill_versus,transformers,quality,perplexity,elementwise,startup,9b); "
                                    "the others are kept from the previous results.json")
     a = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -166,7 +177,7 @@ def main():
 
     if want("kernels"):
         log("kernels: GB/s of each matvec format, 1 and 2 threads")
-        R["kernels"] = worker("kernels", {"rounds": 8 if a.quick else 20})
+        R["kernels"] = worker("kernels", {"quick": a.quick})
     if want("decode"):
         log("decode: bf16 / int8 / 4-bit interleaved with bandwidth probes; positions 128..32k")
         R["decode"] = worker("decode", {"models": models, "rounds": rounds, "tokens": tokens,
@@ -187,10 +198,18 @@ def main():
             R["prefill"][label] = worker("prefill", {"model": models["bf16"], "tokens": 512,
                                                      "reps": 2 if a.quick else 3, "memory": i == 0},
                                          env={"OPENBLAS_CORETYPE": value})
+    if want("prefill_versus") and not a.skip_transformers:
+        log("prefill_versus: 512-token prefill, transformers bf16 and rgemma alternating, one process")
+        R["prefill_versus"] = worker("prefill_versus", {
+            "reference": models["bf16"], "models": {k: models[k] for k in ("bf16", "int8", "q4")},
+            "tokens": 512, "rounds": 1 if a.quick else 2})
     if want("transformers") and not a.skip_transformers:
-        log("transformers bf16 (torch, 2 threads): prefill and decode at 128 / 512 / 2048")
+        # without AVX512-BF16 / AMX torch's bf16 matmul has no bf16 instructions: a 2048-token
+        # prefill then takes minutes (prefill_versus measures the 512-token one)
+        long = not a.quick and _cpu_features().get("avx512bf16", False)
+        log("transformers bf16 (torch, 2 threads): prefill and decode at 128 / 512" + (" / 2048" if long else ""))
         R["transformers"] = worker("transformers", {"model": models["bf16"], "tokens": tokens + 2,
-                                                    "lengths": [128, 512] if a.quick else [128, 512, 2048]})
+                                                    "lengths": [128, 512, 2048] if long else [128, 512]})
     if want("quality"):
         log("quality: KL and top-1 agreement against the unquantized model")
         R["quality"] = {"2b": worker("quality", {"reference": models["bf16"], "tokens": 12 if a.quick else 24,
@@ -201,6 +220,15 @@ def main():
                   "q4": str(quantized(d, 4, out=small / f"{name}-q4")),
                   "q4-emb8": str(quantized(d, 4, 8, out=small / f"{name}-q4-emb8"))}
             R["quality"][name] = worker("quality", {"reference": str(d), "tokens": 64, "variants": qs})
+    if want("perplexity"):
+        demo = WEIGHTS / "demo"
+        if (demo / "config.json").exists():
+            log("perplexity: the demo model in every format over the held-out text")
+            small = OUT / "small"
+            R["perplexity"] = worker("perplexity", {"text": str(HELDOUT), "models": {
+                "as shipped": str(demo), "int8": str(quantized(demo, 8, out=small / "demo-q8")),
+                "q4": str(quantized(demo, 4, out=small / "demo-q4")),
+                "q4-emb8": str(quantized(demo, 4, 8, out=small / "demo-q4-emb8"))}})
     if want("elementwise"):
         log("elementwise: the RG-LRU's transcendentals and scan, NumPy against Numba")
         R["elementwise"] = worker("elementwise", {"reps": 3 if a.quick else 7})
@@ -218,8 +246,9 @@ def main():
     if not prev:
         R["machine"].update(loadavg_end=run["loadavg_end"], bench_minutes=run["minutes"])
     (OUT / "results.json").write_text(json.dumps(R, indent=1))
-    from report import write_report
-    write_report(R, DOC, PLOT)
+    from report import update_cpus, write_report
+    cpus = update_cpus(R, CPUS)
+    write_report(R, DOC, PLOT, cpus)
     log(f"wrote {DOC.relative_to(ROOT)} and {PLOT.relative_to(ROOT)} in {(time.time() - t_start) / 60:.1f} min")
 
 

@@ -20,7 +20,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from numba import njit, prange  # noqa: E402
+from numba import njit  # noqa: E402
 
 
 # -- small tools ---------------------------------------------------------------------------------
@@ -67,41 +67,25 @@ def stats(walls, cpus=None, unit=1.0) -> dict:
     return out
 
 
-@njit(fastmath=True, cache=True)
-def _row_sum(a):
-    s = np.float32(0.0)
-    for i in range(a.size):
-        s += a[i]
-    return s
-
-
-@njit(parallel=True, cache=True)
-def _read_rows(a, out):
-    for r in prange(a.shape[0]):
-        out[r] = _row_sum(a[r])
-
-
 _BW = None
 
 
 def read_bandwidth(reps=5, gb=1.0) -> dict:
-    """GB/s of a vectorised parallel Numba read of a `gb`-sized f32 array (all threads)."""
+    """GB/s of a vectorised parallel Numba read of a `gb`-sized f32 array (all threads): the
+    read probe of `rgemma bench` (rgemma_cli.selfcheck.ReadProbe)."""
     global _BW
-    if _BW is None or _BW[0].nbytes != int(gb * 2**30):
-        a = np.ones((int(gb * 2**30) // (4 * 16384), 16384), np.float32)
-        _BW = (a, np.empty(a.shape[0], np.float32))
-    a, out = _BW
-    _read_rows(a, out)
-    samples = [timed(lambda: _read_rows(a, out)) for _ in range(reps)]
-    return stats([s[1] for s in samples], [s[2] for s in samples], unit=a.nbytes / 1e9)
+    from rgemma_cli.selfcheck import ReadProbe
+    if _BW is None or _BW.a.nbytes != int(gb * 2**30) // (4 * 16384) * 4 * 16384:
+        _BW = ReadProbe(int(gb * 2**30))
+    samples = [timed(_BW.once) for _ in range(reps)]
+    return stats([s[1] for s in samples], [s[2] for s in samples], unit=_BW.a.nbytes / 1e9)
 
 
 def read_once() -> float:
     """GB/s of one read of the `read_bandwidth` array (~25 ms): a probe to pair with one token."""
     if _BW is None:
         read_bandwidth(1)
-    a, out = _BW
-    return a.nbytes / 1e9 / timed(lambda: _read_rows(a, out))[1]
+    return _BW.once()
 
 
 def weight_bytes(model) -> int:
@@ -404,30 +388,70 @@ def w_big(args) -> dict:
 
 
 def w_kernels(args) -> dict:
-    """GB/s of weights streamed by each matvec kernel (one 7680 x 2560 MLP-sized matrix per
-    format, 4 of them cycled so that nothing stays in cache), 1 and 2 threads, interleaved."""
-    import numba
-    from rgemma_cli import formats, linear, quantize
-    from rgemma_cli.safetensors import f32_to_bf16
-    rng = np.random.default_rng(0)
-    f32 = [rng.standard_normal((7680, 2560), dtype=np.float32) * 0.02 for _ in range(4)]
-    fmts = {"f32": f32, "bf16": [f32_to_bf16(w) for w in f32],
-            "int8": [formats.Int8Weight(*quantize.quantize_int8(w)) for w in f32],
-            "q4": [formats.Int4Weight(*quantize.quantize_int4(w)) for w in f32]}
-    x = rng.standard_normal(2560, dtype=np.float32)
-    out = {}
-    for threads in args.get("threads", (1, 2)):
-        numba.set_num_threads(threads)
-        samples = {k: [] for k in fmts}
-        for r in range(args.get("rounds", 20)):
-            for k, ws in fmts.items():
-                w = ws[r % 4]
-                samples[k].append(timed(lambda: linear.linear(x[None], w))[1:] + (w.nbytes,))
-        for k, s in samples.items():
-            walls, cpus = [a[0] for a in s[1:]], [a[1] for a in s[1:]]
-            out[f"{k}/{threads}"] = stats(walls, cpus, unit=s[0][2] / 1e9)
-    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-    out["read_bandwidth"] = read_bandwidth(5)
+    """`rgemma bench` (rgemma_cli.selfcheck) at full length: each format's decode kernel variant
+    on this CPU and its GB/s (7680 x 2560 matrices cycled out of cache), 1 and 2 threads
+    interleaved, against the read probe; plus the CPU's description."""
+    from rgemma_cli import selfcheck
+    r = selfcheck.run(quick=args.get("quick", False))
+    out = {f"{f}/{t}": v for (f, t), v in r.pop("rates").items()}
+    out["read_bandwidth"] = {"best": r["probe_gbs"]}
+    return {**out, **r}
+
+
+def w_perplexity(args) -> dict:
+    """`rgemma perplexity` of each model variant over one held-out text: perplexity, mean NLL
+    (nats / token) and tokens/s (2 threads), chunked with the state carried across."""
+    from rgemma_cli import load
+    from rgemma_cli.perplexity import perplexity, read_text
+    text = read_text(args["text"])
+    out = {"text": Path(args["text"]).name}
+    for name, path in args["models"].items():
+        m, tok = load(path)
+        ids = tok.raw_prompt(text)
+        perplexity(m, ids[:80], chunk_size=args.get("chunk", 512))  # compile / fault in
+        out[name] = perplexity(m, ids, chunk_size=args.get("chunk", 512),
+                               max_tokens=args.get("max_tokens")).to_dict()
+    return out
+
+
+def w_prefill_versus(args) -> dict:
+    """Prefill of a T-token prompt: transformers bf16 against rgemma's variants, alternating
+    round by round in one process (each library's pool idle for a moment before the other's
+    turn). transformers' time is `generate(max_new_tokens=1)`, its prefill and the first
+    token's sampling; rgemma's is `forward(last_only=True)`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from rgemma_cli import load
+    from rgemma_cli.linear import blas_threads
+    torch.set_num_threads(2)
+    hf = AutoModelForCausalLM.from_pretrained(args["reference"], dtype=torch.bfloat16).eval()
+    ours = {v: load(p)[0] for v, p in args["models"].items()}
+    T = args["tokens"]
+    first = next(iter(ours.values()))
+    ids = prompt(first, T, 11)
+    tids = torch.tensor(ids[None])
+    for m in ours.values():
+        m.forward(ids[:64], m.initial_state(), last_only=True)  # compile, fault the pages in
+
+    def hf_prefill():
+        with torch.inference_mode():
+            hf.generate(tids, attention_mask=torch.ones_like(tids), max_new_tokens=1, do_sample=False)
+
+    rounds = {"transformers": []} | {v: [] for v in ours}
+    for _ in range(args["rounds"]):
+        time.sleep(0.5)
+        rounds["transformers"].append(timed(hf_prefill)[1:])
+        for v, m in ours.items():
+            time.sleep(0.5)
+            blas_threads(None)
+            rounds[v].append(timed(lambda: m.forward(ids, m.initial_state(), last_only=True))[1:])
+    out = {"tokens": T, "rounds": rounds}
+    for v, r in rounds.items():
+        out[v] = {**stats([a for a, _ in r], [c for _, c in r], unit=T)}
+        if v != "transformers":
+            ratios = [h[0] / x[0] for h, x in zip(rounds["transformers"], r)]
+            out[v].update(ratio_median=float(np.median(ratios)), ratio_min=min(ratios),
+                          ratio_max=max(ratios))
     return out
 
 
@@ -504,7 +528,7 @@ def w_elementwise(args) -> dict:
     return out
 
 
-WORKERS = {"kernels": w_kernels, "decode": w_decode, "prefill": w_prefill, "transformers": w_transformers,
+WORKERS = {"perplexity": w_perplexity, "prefill_versus": w_prefill_versus, "kernels": w_kernels, "decode": w_decode, "prefill": w_prefill, "transformers": w_transformers,
            "versus": w_versus, "quality": w_quality, "big": w_big, "startup": w_startup, "elementwise": w_elementwise}
 
 if __name__ == "__main__":
