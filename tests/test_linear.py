@@ -161,3 +161,12 @@ def test_int8_row_dot_is_the_exact_integer_dot(n):
     exact = float(np.dot(w.astype(np.int64), x16.astype(np.int64)))
     for dot in (mv._dot_i8, mv._dot_i8_portable):
         assert dot(w, x16) == pytest.approx(exact, rel=1e-6, abs=1.0)
+
+
+def test_int8_kernel_takes_read_only_weights():
+    # weights memory-mapped from a checkpoint are read-only arrays (a distinct Numba type)
+    q, s = Q.quantize_int8(_w(40, 512))
+    q.flags.writeable = False
+    x = _x(1, 512)
+    ref = x.astype(np.float64) @ (q.astype(np.float64) * s[:, None]).T
+    np.testing.assert_allclose(L.linear(x, F.Int8Weight(q, s)), ref, rtol=1e-4, atol=1e-4)

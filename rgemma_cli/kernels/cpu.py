@@ -288,6 +288,7 @@ def _i8_row_dot_x86(typingctx, w, x16):
             builder.store(builder.add(builder.load(tail), p), tail)
         return builder.fadd(total, builder.sitofp(builder.load(tail), ir.FloatType()))
 
-    if w != types.Array(types.int8, 1, "C") or x16 != types.Array(types.int16, 1, "C"):
-        return None  # contiguous rows only: the loads step through memory
+    for a, dt in ((w, types.int8), (x16, types.int16)):  # (read-only memory maps are fine)
+        if not (isinstance(a, types.Array) and a.dtype == dt and a.ndim == 1 and a.layout == "C"):
+            return None  # contiguous rows only: the loads step through memory
     return types.float32(w, x16), codegen
