@@ -153,15 +153,19 @@ def write_report(R, doc: Path, png: Path, cpus: dict | None = None):
       "ours, about 1.0 or less means another process held a core and the 2-thread kernels waited "
       "for it (perf-notes item 9). Ratios compare measurements taken side by side in this run.\n")
     quiet = []
-    for k in ("kernels", "decode", "transformers", "quality", "9b"):
+    for k in ("kernels", "decode", "versus", "prefill_versus", "transformers", "perplexity", "9b"):
         if isinstance(R.get(k), dict) and "busy_cores_before" in R[k]:
             quiet.append(f"{k} {R[k]['busy_cores_before']} (waited {R[k]['waited_s']} s)")
     for k, r in R.get("prefill", {}).items():
         if "busy_cores_before" in r:
             quiet.append(f"prefill/{k} {r['busy_cores_before']} (waited {r['waited_s']} s)")
     if quiet:
-        w("Cores kept busy by other processes just before each phase (the bench waits up to 5 min "
+        runs = R.get("runs", [{}])
+        wait = runs[-1].get("max_wait", 300)
+        w(f"Cores kept busy by other processes just before each phase (the bench waits up to {wait:.0f} s "
           "for less than 0.15): " + "; ".join(quiet) + ".\n")
+        if any(r.get("quick") for r in runs):
+            w("This run used `bench/run.py --quick` (fewer rounds and tokens per figure).\n")
     if cpus:
         w("## Per CPU family\n")
         w("One row per CPU model benchmarked (`bench/cpus.json`, updated by each `make bench` for "

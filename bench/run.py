@@ -51,9 +51,12 @@ def busy_cores(seconds=1.0) -> float:
     return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(1, t1 - t0))
 
 
-def wait_quiet(limit=300.0, threshold=0.15) -> dict:
+MAX_WAIT = 300.0  # seconds each phase waits for a quiet machine (--max-wait)
+
+
+def wait_quiet(limit=None, threshold=0.15) -> dict:
     """Wait (at most `limit` s) until other processes use less than `threshold` of a core."""
-    t0 = time.time()
+    t0, limit = time.time(), MAX_WAIT if limit is None else limit
     while True:
         busy = busy_cores()
         if busy < threshold or time.time() - t0 > limit:
@@ -63,7 +66,7 @@ def wait_quiet(limit=300.0, threshold=0.15) -> dict:
 
 def worker(name, args, env=None, timeout=3600):
     """Run bench/workers.py NAME in a fresh process; returns its JSON (or {"error": ...}).
-    Waits first for the machine to be quiet (up to 5 min) and records what it found."""
+    Waits first for the machine to be quiet (up to --max-wait s) and records what it found."""
     quiet = wait_quiet()
     log(f"  {name}: {quiet}")
     e = dict(os.environ)
@@ -158,7 +161,11 @@ def main():
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--only", help="comma-separated phases to run (kernels,decode,versus,prefill,prefill_versus,transformers,quality,perplexity,elementwise,startup,9b); "
                                    "the others are kept from the previous results.json")
+    ap.add_argument("--max-wait", type=float, default=MAX_WAIT,
+                    help="seconds each phase waits for other processes to leave the cores (default 300)")
     a = ap.parse_args()
+    global MAX_WAIT
+    MAX_WAIT = a.max_wait
     OUT.mkdir(parents=True, exist_ok=True)
     prev = json.loads((OUT / "results.json").read_text()) if (a.only and (OUT / "results.json").exists()) else {}
     only = set(a.only.split(",")) if a.only else None
@@ -167,7 +174,8 @@ def main():
     t_start = time.time()
     R = dict(prev)
     R["machine"] = {**prev.get("machine", {}), **machine()} if not prev else prev["machine"]
-    run = {"phases": a.only or "all", "start": time.strftime("%H:%M"), "loadavg_start": os.getloadavg()}
+    run = {"phases": a.only or "all", "start": time.strftime("%H:%M"), "loadavg_start": os.getloadavg(),
+           "quick": a.quick, "max_wait": a.max_wait}
     R["runs"] = prev.get("runs", []) + [run]
     log(f"machine: {machine()}")
 
