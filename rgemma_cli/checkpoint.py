@@ -184,22 +184,35 @@ def check_finite(directory: str | Path, progress=None) -> list[str]:
     files = open_tensors(Path(directory))
     bad, names = [], sorted(files)
     for done, name in enumerate(names, 1):
-        f = files[name]
-        dtype = f.dtype(name)
-        if dtype in ("F32", "F16", "F64", "BF16"):
-            a = f.tensor(name).reshape(-1)
-            for i in range(0, a.size, 1 << 22):  # bounded working memory
-                block = a[i:i + (1 << 22)]
-                if dtype == "BF16":  # exponent all ones: Inf or NaN
-                    ok = not np.any((block & 0x7F80) == 0x7F80)
-                else:
-                    ok = bool(np.isfinite(block).all())
-                if not ok:
-                    bad.append(name)
-                    break
+        dtype = files[name].dtype(name)
+        if dtype in ("F32", "F16", "F64", "BF16") and not _finite(files[name].tensor(name), dtype == "BF16"):
+            bad.append(name)
         if progress:
             progress(done, len(names))
     return bad
+
+
+def non_finite_tensors(weights: dict) -> list[str]:
+    """The names of the loaded weights (arrays, or int8 / 4-bit objects: their scales) holding
+    NaN or Inf, in layer order. Reads every weight once: for error paths, not the hot path."""
+    bad = []
+    for name, w in weights.items():
+        # quantized: the integers are finite, the scales may not be; dense wrappers hold `.a`
+        a = getattr(w, "scale", getattr(w, "a", w))
+        if isinstance(a, np.ndarray) and a.dtype.kind in "fu" and a.dtype != np.uint8:
+            if not _finite(a, a.dtype == np.uint16):
+                bad.append(name)
+    return bad
+
+
+def _finite(a: np.ndarray, bf16: bool) -> bool:
+    """No NaN / Inf in `a` (bf16 as uint16 bits: exponent all ones), in bounded blocks."""
+    a = a.reshape(-1)
+    for i in range(0, a.size, 1 << 22):
+        block = a[i:i + (1 << 22)]
+        if bf16 and np.any((block & 0x7F80) == 0x7F80) or not bf16 and not np.isfinite(block).all():
+            return False
+    return True
 
 
 _SHARD = re.compile(r"^[^/\\\x00]+\.safetensors$")

@@ -305,7 +305,10 @@ def download(model: Annotated[str, typer.Argument(metavar="MODEL", help="Hugging
 @app.command()
 @_user_errors
 def info(model: Annotated[str, typer.Argument(metavar="MODEL",
-                                              help="Local directory, repo id, or 'demo'.")]):
+                                              help="Local directory, repo id, or 'demo'.")],
+         check: Annotated[bool, typer.Option(
+             "--check", help="Also scan every tensor for NaN / Inf (reads the whole checkpoint); "
+             "exit status 1 naming the tensors if any.")] = False):
     """Describe a model: config, parameters, weight bytes, state size."""
     from rich.console import Console
     from rich.table import Table
@@ -316,6 +319,13 @@ def info(model: Annotated[str, typer.Argument(metavar="MODEL",
     from .state import State
 
     path = resolve(model)
+    if check:  # before loading: a NaN norm would stop the load with only the first bad tensor
+        from .checkpoint import check_finite
+        bad = check_finite(path)
+        if bad:
+            more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise RgemmaError(f"{path}: {len(bad)} tensor(s) hold NaN or Inf: "
+                              f"{', '.join(bad[:3])}{more}")
     m, tok = load(path)  # (not `model`: a repo id would be looked up on the Hub twice)
     head = m.weights["model.embed_tokens.weight"]
     matrices = sorted({weight_format(w) for n, w in m.weights.items()
@@ -337,6 +347,8 @@ def info(model: Annotated[str, typer.Argument(metavar="MODEL",
         t.add_row(k, v)
     for k, v in cfg.to_dict().items():
         t.add_row(k, str(v))
+    if check:
+        t.add_row("check", "every tensor finite (no NaN / Inf)")
     Console().print(t)
 
 

@@ -143,8 +143,14 @@ class Session:
             slot = c.state.pos % W
             self._undo += [(ring, slot, ring[slot].copy()) for layer in c.state.layers
                            if isinstance(layer, AttentionState) for ring in (layer.k, layer.v)]
-        logits, state = self.model.forward(list(c.pending), c.state, last_only=True,
-                                           **({"donate": True} if donate else {}))
+        try:  # NaN / Inf are reported once, below, not as NumPy warnings on the way
+            with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+                logits, state = self.model.forward(list(c.pending), c.state, last_only=True,
+                                                   **({"donate": True} if donate else {}))
+        except ZeroDivisionError:  # a kernel's softmax sum was NaN: non-finite activations
+            logits = None
+        if logits is None or not np.isfinite(logits[-1]).all():  # ~20 us for 256k logits
+            raise non_finite_error(self.model, c.state.pos + len(c.pending) - 1)
         recent = (c.recent + c.pending)[-HISTORY_KEEP:]
         self._rng.bit_generator.state = c.rng
         token = sample(logits[-1], self.settings, recent, self._rng)
@@ -233,6 +239,17 @@ class Session:
         if len(text) > out:
             g.text += text[out:]
             yield text[out:]
+
+
+def non_finite_error(model, pos: int) -> RgemmaError:
+    """The error for NaN / Inf logits at token position `pos`, naming the first weight tensor
+    holding NaN or Inf (a scan of the weights, paid only on this error path) if there is one."""
+    from .checkpoint import non_finite_tensors
+    bad = non_finite_tensors(getattr(model, "weights", {}))
+    why = (f"tensor {bad[0]} holds NaN or Inf" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+           if bad else "the activations overflowed (the weights are finite)")
+    return RgemmaError(f"the model produced NaN/Inf logits at position {pos}: {why}; generation "
+                       f"stopped (`rgemma info --check MODEL` scans a checkpoint)")
 
 
 @functools.cache

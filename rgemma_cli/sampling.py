@@ -12,6 +12,8 @@ plain JSON, so a saved conversation resumes with the very same random stream.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import secrets
 from dataclasses import dataclass
 
@@ -20,6 +22,12 @@ import numpy as np
 from .errors import RgemmaError
 
 MAX_REPEAT_LAST_N = 4096  # the history a state file keeps (statefile.HISTORY_KEEP)
+# Clamps that keep every setting finite in float32 (docs/usage.md, "Sampling limits"): a
+# temperature below MIN_TEMPERATURE samples as MIN_TEMPERATURE (1/T would overflow float32 and
+# turn the most likely token's 0 x inf into NaN; at 1e-30 it is already the argmax but for exact
+# ties), and a repetition penalty that pushes a logit past +-LOGIT_LIMIT leaves it there.
+MIN_TEMPERATURE = 1e-30
+LOGIT_LIMIT = 1e30
 
 
 @dataclass(frozen=True)
@@ -38,21 +46,29 @@ class SamplerSettings:
         self.validate()
 
     def validate(self) -> None:
-        """Raise RgemmaError naming the flag whose value is out of range."""
+        """Raise RgemmaError naming the flag whose value is out of range or of the wrong type
+        (bool is not a number; a JSON 1e400 is inf, not a number)."""
         def need(ok, msg):
             if not ok:
                 raise RgemmaError(msg)
-        need(np.isfinite(self.temperature) and self.temperature >= 0,
-             f"--temperature must be >= 0, got {self.temperature}")
-        need(isinstance(self.top_k, int) and self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
-        need(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
-        need(0 <= self.min_p <= 1, f"--min-p must be in [0, 1], got {self.min_p}")
-        need(np.isfinite(self.repeat_penalty) and self.repeat_penalty > 0,
-             f"--repeat-penalty must be > 0, got {self.repeat_penalty}")
-        need(isinstance(self.repeat_last_n, int) and 0 <= self.repeat_last_n <= MAX_REPEAT_LAST_N,
-             f"--repeat-last-n must be in [0, {MAX_REPEAT_LAST_N}], got {self.repeat_last_n}")
-        need(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**64),
-             f"--seed must be in [0, 2^64), got {self.seed}")
+
+        def real(v):
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+        def integer(v):
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        need(real(self.temperature) and self.temperature >= 0,
+             f"--temperature must be a number >= 0, got {self.temperature!r}")
+        need(integer(self.top_k) and self.top_k >= 0, f"--top-k must be an integer >= 0, got {self.top_k!r}")
+        need(real(self.top_p) and 0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p!r}")
+        need(real(self.min_p) and 0 <= self.min_p <= 1, f"--min-p must be in [0, 1], got {self.min_p!r}")
+        need(real(self.repeat_penalty) and self.repeat_penalty > 0,
+             f"--repeat-penalty must be a number > 0, got {self.repeat_penalty!r}")
+        need(integer(self.repeat_last_n) and 0 <= self.repeat_last_n <= MAX_REPEAT_LAST_N,
+             f"--repeat-last-n must be in [0, {MAX_REPEAT_LAST_N}], got {self.repeat_last_n!r}")
+        need(self.seed is None or (integer(self.seed) and 0 <= self.seed < 2**64),
+             f"--seed must be in [0, 2^64), got {self.seed!r}")
 
     def with_seed(self) -> "SamplerSettings":
         """These settings with a concrete seed (a random one if none was given)."""
@@ -69,6 +85,8 @@ class SamplerSettings:
     @classmethod
     def from_dict(cls, d: dict) -> "SamplerSettings":
         """Settings from `to_dict` output; unknown keys (a newer writer's) are ignored."""
+        if not isinstance(d, dict):
+            raise RgemmaError(f"sampler settings must be an object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -85,8 +103,10 @@ def apply_repeat_penalty(logits: np.ndarray, recent, penalty: float) -> np.ndarr
     logits = logits.copy()
     ids = np.unique(np.asarray(recent, dtype=np.int64))
     ids = ids[(ids >= 0) & (ids < logits.size)]
-    x = logits[ids]
-    logits[ids] = np.where(x > 0, x / penalty, x * penalty)
+    x = logits[ids].astype(np.float64)  # (a few ids) a penalty of 1e-38 overflows float32
+    with np.errstate(over="ignore", under="ignore"):
+        x = np.where(x > 0, x / penalty, x * penalty)
+    logits[ids] = np.clip(x, -LOGIT_LIMIT, LOGIT_LIMIT)
     return logits
 
 
@@ -94,7 +114,9 @@ def candidates(logits: np.ndarray, s: SamplerSettings) -> tuple[np.ndarray, np.n
     """The tokens left after temperature, top-k, top-p and min-p, most likely first, with their
     probabilities (float64, summing to 1). Ties are ordered by lowest id."""
     l = np.asarray(logits, dtype=np.float32)
-    w = np.exp((l - l.max()) * np.float32(1.0 / s.temperature))  # p / p_max, never overflows
+    inv_t = np.float32(1.0 / max(s.temperature, MIN_TEMPERATURE))  # finite: no 0 x inf = NaN
+    with np.errstate(over="ignore"):  # (l - max) x inv_t may reach -inf: exp gives the right 0
+        w = np.exp((l - l.max()) * inv_t)  # p / p_max in [0, 1], never NaN for finite logits
     ids = np.arange(l.size)
     if 0 < s.top_k < l.size:  # partial selection: a full sort of 256k logits costs ~30 ms
         kth = -np.partition(-l, s.top_k - 1)[s.top_k - 1]

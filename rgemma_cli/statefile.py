@@ -21,6 +21,8 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -28,25 +30,30 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig
+from .config import ATTENTION, ModelConfig
 from .errors import RgemmaError
-from .generation import Context, Session
+from .generation import HISTORY_KEEP, Context, Session
 from .safetensors import write_atomic
 from .sampling import SamplerSettings
+from .schema import is_int, parse_json, short
 from .state import AttentionState, State
 
 MAGIC = b"RGEMMAST"
+MAX_HEADER = 100 * 1024 * 1024  # as safetensors: tokens and transcript text, never this much
+MAX_POS = 2**53  # tokens fed: far beyond any run, exact in every JSON reader
+MAX_PENDING = 1 << 24  # a queued prompt
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<8sIIQ")  # magic, version, header CRC-32, header length
 
 
 def model_identity(model, tokenizer) -> dict:
-    """What a state belongs to: the weights (`model.fingerprint`: config, tensor headers and the
-    values of the 1-D tensors, which tell a base model from its -it sibling) and the tokenizer
-    file. `digest` is the one value compared on load."""
+    """What a state belongs to: the weights (`model.fingerprint`, checkpoint.fingerprint v2:
+    config, tensor headers and a fixed sample of bytes of every tensor) and the tokenizer file.
+    `digest` is the one value compared on load; `identity` is the fingerprint's version."""
+    from .checkpoint import FINGERPRINT_VERSION  # (here: `rgemma state` never imports Numba)
     tok_hash = tokenizer.sha256 if tokenizer is not None else "none"
     digest = hashlib.sha256(f"{model.fingerprint}:{tok_hash}".encode()).hexdigest()
-    return {"digest": digest, "fingerprint": model.fingerprint,
+    return {"digest": digest, "fingerprint": model.fingerprint, "identity": FINGERPRINT_VERSION,
             "tokenizer_sha256": tok_hash, "config": model.config.to_dict()}
 
 
@@ -151,64 +158,149 @@ def load(path: str | Path) -> Saved:
                           f"version reads up to v{FORMAT_VERSION}): upgrade rgemma")
     if version < 1:
         raise RgemmaError(f"{path} is corrupt (format version {version})")
+    if hlen > MAX_HEADER:
+        raise RgemmaError(f"{path} is corrupt (header length {hlen} > {MAX_HEADER})")
     start = _PREFIX.size + hlen
     if start > len(raw):
         raise RgemmaError(f"{path} is truncated ({len(raw)} bytes; the header alone needs {start})")
+    if zlib.crc32(raw[_PREFIX.size:start]) != hcrc:
+        raise RgemmaError(f"{path} is corrupt (header checksum mismatch)")
     try:
-        if zlib.crc32(raw[_PREFIX.size:start]) != hcrc:
-            raise ValueError("header checksum mismatch")
-        h = json.loads(raw[_PREFIX.size:start].decode("utf-8"))
+        h = parse_json(raw[_PREFIX.size:start], "bad header")
         data = memoryview(raw)[start:]
-        need = max((t["offsets"][1] for t in h["tensors"].values()), default=0)
-        if len(data) < need:
-            raise RgemmaError(f"{path} is truncated ({len(raw)} bytes, expected {start + need})")
-        if len(data) > need:
-            raise ValueError("trailing bytes after the data")
+        cfg, table = check_header(h, version, len(data))
         if hashlib.sha256(data).hexdigest() != h["data_sha256"]:
-            raise ValueError("checksum mismatch")
-        cfg = ModelConfig.from_dict(h["model"]["config"])
-        state = _state_from(cfg, h["pos"], h["tensors"], data)
-        ctx = Context(state, tuple(int(t) for t in h["recent"]),
-                      tuple(int(t) for t in h["pending"]), h["rng"])
-        settings = SamplerSettings.from_dict(h["sampler"])
-        if h["mode"] not in ("chat", "raw") or not isinstance(h["transcript"], list):
-            raise ValueError("bad mode or transcript")
-        return Saved(ctx, settings, h["mode"], h["transcript"], h["model"], version,
-                     h.get("created", ""), len(raw))
+            raise ValueError("data checksum mismatch")
+        state = _state_from(cfg, h["pos"], table, data)
+    except (RgemmaError, ValueError) as e:
+        msg = str(e)
+        if msg.startswith("truncated"):
+            raise RgemmaError(f"{path} is {msg}") from None
+        raise RgemmaError(f"{path} is corrupt ({msg})") from None
+    ctx = Context(state, tuple(h["recent"]), tuple(h["pending"]), h["rng"])
+    return Saved(ctx, SamplerSettings.from_dict(h["sampler"]), h["mode"], h["transcript"],
+                 h["model"], version, h.get("created", ""), len(raw))
+
+
+# -- the header schema (docs/state-format.md, "Header") -------------------------------------------
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+ROLES = ("system", "user", "model")
+
+
+def check_header(h, version: int, data_len: int):
+    """Check every field of a parsed header before anything is built from it; returns (config,
+    tensor table). Raises ValueError (or RgemmaError from the config) naming the bad field;
+    "truncated ..." when the data section is shorter than the tensors need."""
+    def need(ok, what):
+        if not ok:
+            raise ValueError(what)
+
+    need(isinstance(h, dict), "the header is not a JSON object")
+    need(h.get("format") == "rgemma-state" and is_int(h.get("version")) and h["version"] == version,
+         "format/version fields do not match the file's prefix")
+    need(isinstance(h.get("created", ""), str), "created is not a string")
+    m = h.get("model")
+    need(isinstance(m, dict), "model is not an object")
+    need(isinstance(m.get("digest"), str) and _HEX64.match(m["digest"]) is not None,
+         "model.digest is not a SHA-256 hex string")
+    for key in ("fingerprint", "tokenizer_sha256", "name"):
+        need(isinstance(m.get(key), str) and len(m[key]) <= 4096, f"model.{key} is not a string")
+    need(is_int(m.get("identity", 1), 1, 1 << 16), "model.identity is not a version number")
+    need(isinstance(m.get("config"), dict), "model.config is not an object")
+    cfg = ModelConfig.from_dict(m["config"])
+    V = cfg.vocab_size
+    need(is_int(h.get("pos"), 0, MAX_POS), f"pos is not an integer in [0, 2^53], got {short(h.get('pos'))}")
+    for key, most in (("recent", HISTORY_KEEP), ("pending", MAX_PENDING)):
+        ids = h.get(key)
+        need(isinstance(ids, list) and len(ids) <= most and all(is_int(t, 0, V - 1) for t in ids),
+             f"{key} is not a list of at most {most} token ids in [0, {V})")
+    sampler = h.get("sampler")
+    need(isinstance(sampler, dict), "sampler is not an object")
+    try:
+        SamplerSettings.from_dict(sampler)
     except RgemmaError as e:
-        if str(e).startswith(str(path)):
-            raise
-        raise RgemmaError(f"{path} is corrupt ({e})") from None
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
-        raise RgemmaError(f"{path} is corrupt ({type(e).__name__}: {e})") from None
+        raise ValueError(f"sampler: {e}") from None
+    need(is_pcg64_state(h.get("rng")), "rng is not a NumPy PCG64 state")
+    need(h.get("mode") in ("chat", "raw"), "mode is not 'chat' or 'raw'")
+    tr = h.get("transcript")
+    need(isinstance(tr, list) and all(
+        isinstance(e, dict) and e.get("role") in ROLES and isinstance(e.get("content"), str)
+        for e in tr), "transcript is not a list of {role, content} strings")
+    need(isinstance(h.get("data_sha256"), str) and _HEX64.match(h["data_sha256"]) is not None,
+         "data_sha256 is not a SHA-256 hex string")
+    table = h.get("tensors")
+    need(isinstance(table, dict), "tensors is not an object")
+    wanted = state_shapes(cfg, h["pos"])
+    need(set(table) == set(wanted), "the tensor table does not match the model config")
+    spans = []
+    for name, shape in wanted.items():
+        t = table[name]
+        need(isinstance(t, dict) and t.get("dtype") == "F32" and isinstance(t.get("shape"), list)
+             and all(type(d) is int for d in t["shape"]) and t["shape"] == list(shape),
+             f"tensor {name} is not F32 of shape {list(shape)}")
+        off = t.get("offsets")
+        need(isinstance(off, list) and len(off) == 2 and all(is_int(o) for o in off)
+             and off[1] - off[0] == 4 * math.prod(shape), f"tensor {name} has bad offsets")
+        spans.append((off[0], off[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):  # the tensors tile the data: no overlap, no gap
+        need(begin == end, f"tensor {name} overlaps another or leaves a gap")
+        end = stop
+    if data_len < end:
+        raise ValueError(f"truncated (the data section has {data_len} bytes, the tensors need {end})")
+    need(data_len == end, "trailing bytes after the data")
+    return cfg, table
+
+
+def state_shapes(cfg: ModelConfig, pos: int) -> dict[str, tuple[int, ...]]:
+    """The stored shape of every state tensor (attention rings: only the min(pos, W) slots
+    written), computed without allocating the state."""
+    R, K = cfg.lru_width, cfg.conv1d_width
+    rows = min(pos, cfg.attention_window_size)
+    kv = (rows, cfg.num_key_value_heads, cfg.head_dim)
+    out = {}
+    for i, kind in enumerate(cfg.layer_types):
+        if kind == ATTENTION:
+            out.update({f"layers.{i}.k": kv, f"layers.{i}.v": kv})
+        else:
+            out.update({f"layers.{i}.h": (R,), f"layers.{i}.conv": (K - 1, R)})
+    return out
+
+
+def is_pcg64_state(rng) -> bool:
+    """Whether `rng` is what np.random.PCG64().state returns (128-bit state, odd increment)."""
+    if not (isinstance(rng, dict) and set(rng) == {"bit_generator", "state", "has_uint32", "uinteger"}):
+        return False
+    st = rng["state"]
+    return (rng["bit_generator"] == "PCG64" and isinstance(st, dict) and set(st) == {"state", "inc"}
+            and is_int(st["state"], 0, 2**128 - 1) and is_int(st["inc"], 0, 2**128 - 1)
+            and st["inc"] % 2 == 1 and rng["has_uint32"] in (0, 1) and type(rng["has_uint32"]) is int
+            and is_int(rng["uinteger"], 0, 2**32 - 1))
 
 
 def _state_from(cfg: ModelConfig, pos: int, table: dict, data: memoryview) -> State:
-    """Rebuild a State from the tensor table; shapes must be what the config implies."""
+    """Rebuild a State from a checked tensor table (check_header); values must be finite."""
     state = State.zeros(cfg)
-    state.pos = int(pos)
-    wanted = state.arrays()
-    if set(table) != set(wanted) or state.pos < 0:
-        raise ValueError("tensor table does not match the model config")
-    for name, target in wanted.items():
-        t = table[name]
-        b, e = t["offsets"]
-        a = np.frombuffer(data[b:e], dtype="<f4").reshape(t["shape"])
-        rows = min(state.pos, cfg.attention_window_size) if name.endswith((".k", ".v")) else None
-        if rows is not None:
-            if a.shape != (rows,) + target.shape[1:]:
-                raise ValueError(f"{name} has shape {list(a.shape)}")
-            target[:rows] = a
-        else:
-            if a.shape != target.shape:
-                raise ValueError(f"{name} has shape {list(a.shape)}")
-            target[...] = a
+    state.pos = pos
+    for name, target in state.arrays().items():
+        b, e = table[name]["offsets"]
+        a = np.frombuffer(data[b:e], dtype="<f4").reshape(table[name]["shape"])
+        if not np.isfinite(a).all():
+            raise ValueError(f"tensor {name} holds NaN or Inf")
+        target[:a.shape[0]] = a  # attention rings: the first min(pos, W) slots
     return state
 
 
 def check_model(saved: Saved, model, tokenizer, path) -> None:
     """Refuse a state saved with other weights or another tokenizer."""
+    from .checkpoint import FINGERPRINT_VERSION
     mine = model_identity(model, tokenizer)
+    if saved.model.get("identity", 1) != FINGERPRINT_VERSION:
+        raise RgemmaError(
+            f"{path} was saved by an older rgemma whose model identity (v{saved.model.get('identity', 1)}) "
+            f"covered only tensor headers and 1-D tensors, so it cannot be verified against this "
+            f"model; start a new conversation (`rgemma state {path}` still shows its transcript)")
     if saved.model.get("digest") == mine["digest"]:
         return
     name = saved.model.get("name")

@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -242,3 +243,45 @@ def test_impossible_save_path_fails_before_generating(tmp_path):
         msg = error_of(*args, "-m", "demo", "--save-state", tmp_path / "no" / "s.rgs")
         assert "does not exist" in msg
     assert "is a directory" in error_of("generate", "-m", "demo", "--save-state", tmp_path, "hi")
+
+
+# -- numerics fail loudly (issue 11, item 4) ----------------------------------------------------
+
+@pytest.mark.parametrize("flags", [["-t", "1e-45"], ["--repeat-penalty", "1e-38", "-t", "0.8"],
+                                   ["-t", "1e-45", "--repeat-penalty", "1e-38"]])
+def test_extreme_sampler_flags_generate(tiny_base_dir, flags):
+    j = gen_json(tiny_base_dir, "-n", 6, "-s", 3, *flags, "Hello")
+    assert j["generated_tokens"] >= 1
+
+
+def _poisoned(tmp_path, name, value, where=5):
+    import conftest
+    from rgemma_cli.checkpoint import open_tensors
+    from rgemma_cli.safetensors import write_safetensors
+    d = conftest.write_tiny_model(tmp_path / "poisoned")
+    t = {n: np.array(f.tensor(n)) for n, f in open_tensors(d).items()}
+    t[name].flat[where] = value
+    write_safetensors(d / "model.safetensors", t)
+    return d
+
+
+@pytest.mark.parametrize("name, value", [
+    ("model.layers.2.temporal_block.q_proj.weight", np.nan),  # was a ZeroDivisionError traceback
+    ("model.embed_tokens.weight", np.inf),
+    ("model.layers.0.mlp_block.down_proj.weight", np.nan),
+])
+def test_non_finite_weights_stop_generation_naming_the_tensor(tmp_path, name, value):
+    d = _poisoned(tmp_path, name, value, where=slice(None))
+    msg = error_of("generate", "-m", d, "-n", 4, "-t", 0, "--raw", "Hello")
+    assert "NaN/Inf logits at position" in msg and name in msg
+    msg = error_of("info", "--check", d)
+    assert name in msg and "NaN or Inf" in msg
+
+
+def test_non_finite_norm_is_refused_not_silent(tmp_path):
+    d = _poisoned(tmp_path, "model.final_norm.weight", np.nan)  # was exit 0 and empty output
+    assert "model.final_norm.weight" in error_of("generate", "-m", d, "-n", 4, "-t", 0, "Hello")
+
+
+def test_info_check_passes_a_clean_model(tiny_base_dir):
+    assert "every tensor finite" in rg("info", "--check", tiny_base_dir).stdout

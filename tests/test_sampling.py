@@ -134,3 +134,34 @@ def test_fast_pipeline_matches_the_step_by_step_one(seed):
     want_ids, want_p = reference_candidates(logits, s)
     assert ids.tolist() == want_ids.tolist()
     np.testing.assert_allclose(p, want_p, rtol=1e-5)
+
+
+# -- settings that would overflow float32 are clamped (issue 11, item 4) ------------------------
+
+@pytest.mark.parametrize("changes", [
+    dict(temperature=1e-45), dict(temperature=5e-324), dict(temperature=1e-38, repeat_penalty=1e-38),
+    dict(temperature=1.0, repeat_penalty=1e-38), dict(temperature=1.0, repeat_penalty=1e38),
+    dict(temperature=1e300), dict(temperature=0.7, repeat_penalty=1e-300, min_p=0.0),
+])
+def test_extreme_settings_sample_a_valid_token(changes):
+    logits = np.array([1.0, 5.0, -2.0, 4.9, 0.0, -30.0], np.float32)
+    s = SamplerSettings(**{**OFF, **changes, "repeat_last_n": 8})
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # no warning escapes
+        for recent in ([], [1, 2], [0, 1, 2, 3, 4, 5]):
+            t = sample(logits, s, recent, rng())
+            assert 0 <= t < logits.size
+
+
+def test_tiny_temperature_is_greedy():
+    logits = np.array([1.0, 5.0, -2.0, 4.999, 0.0], np.float32)
+    s = SamplerSettings(**{**OFF, "temperature": 1e-45})
+    assert all(sample(logits, s, [], rng(i)) == 1 for i in range(20))
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=True), dict(top_k=2.5), dict(top_p="0.9"),
+                                 dict(repeat_penalty=float("inf")), dict(seed=-1), dict(min_p=None)])
+def test_wrong_types_are_refused(bad):
+    with pytest.raises(RgemmaError):
+        SamplerSettings(**bad)
+    with pytest.raises(RgemmaError):
+        SamplerSettings.from_dict(dict(SamplerSettings().to_dict(), **bad))

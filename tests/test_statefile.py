@@ -176,3 +176,181 @@ def test_refuses_to_overwrite_other_files(tiny, tmp_path):
     with pytest.raises(RgemmaError, match="refusing to overwrite"):
         statefile.save(notes, session(tiny))
     assert notes.read_text() == "my notes"
+
+
+# -- the header schema (docs/state-format.md): valid CRC, bad fields (issue 11, item 1) ----------
+
+import zlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from mutations import FUZZ, HUGE, dumps, mutated, record  # noqa: E402
+
+
+def split(path):
+    """(header dict, data bytes) of a state file."""
+    raw = path.read_bytes()
+    _, version, _, hlen = statefile._PREFIX.unpack_from(raw)
+    return json.loads(raw[24:24 + hlen]), raw[24 + hlen:]
+
+
+def rewrite(path, header_bytes: bytes, data: bytes, version=1):
+    """A state file with this header and a valid CRC (and a valid data checksum unless the
+    header says otherwise): only the fields are wrong."""
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    path.write_bytes(statefile._PREFIX.pack(statefile.MAGIC, version, zlib.crc32(header_bytes),
+                                            len(header_bytes)) + header_bytes + data)
+
+
+def with_field(h, dotted, value):
+    h = json.loads(json.dumps(h))
+    *parents, last = dotted.split("/" if "/" in dotted else ".")  # tensor names hold dots
+    d = h
+    for k in parents:
+        d = d[int(k)] if isinstance(d, list) else d[k]
+    d[int(last) if isinstance(d, list) else last] = value
+    return h
+
+
+@pytest.fixture(scope="module")
+def saved_file(tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("sf") / "s.rgs"
+    s = Session(tiny[0], tiny[1], SAMPLED, mode="chat")
+    list(s.generate(s.user_turn("It is a truth"), 6))
+    s.transcript[-1]["content"] = "x"
+    statefile.save(path, s, name="tiny-it")
+    return path
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("pos", HUGE, "pos is not an integer"),
+    ("pos", 10**30, "pos is not an integer"),
+    ("pos", -1, "pos is not an integer"),
+    ("pos", 5.0, "pos is not an integer"),
+    ("pending.0", HUGE, "pending is not a list"),
+    ("pending.0", 10**9, "pending is not a list"),
+    ("recent.0", -3, "recent is not a list"),
+    ("recent.0", True, "recent is not a list"),
+    ("rng", {"bit_generator": "MT19937", "state": {}}, "rng is not a NumPy PCG64 state"),
+    ("rng.state.state", -1, "rng is not"),
+    ("rng.state.inc", 2, "rng is not"),
+    ("rng.state", "x", "rng is not"),
+    ("transcript.0", {"role": "user", "content": 5}, "transcript"),
+    ("transcript.0", {"role": "wizard", "content": "x"}, "transcript"),
+    ("transcript.0", "hello", "transcript"),
+    ("transcript", {"role": "user"}, "transcript"),
+    ("model.digest", 5, "model.digest"),
+    ("model.digest", None, "model.digest"),
+    ("model.name", ["a"], "model.name"),
+    ("model.config.hidden_size", 10**12, "hidden_size"),
+    ("model.config.lru_width", 10**12, "lru_width"),
+    ("model.config.attention_window_size", 10**9, "attention_window_size"),
+    ("model.config.num_hidden_layers", 4, "tensor table does not match"),
+    ("sampler.temperature", "hot", "temperature"),
+    ("sampler.top_p", HUGE, "top-p"),
+    ("sampler", [1], "sampler is not an object"),
+    ("mode", "poetry", "mode"),
+    ("tensors/layers.0.h/offsets", [0, -128], "offsets"),
+    ("tensors/layers.0.h/offsets", [0.0, 128], "offsets"),
+    ("tensors/layers.0.h/shape", [32.0], "not F32 of shape"),
+    ("tensors/layers.0.h/dtype", "F16", "not F32"),
+    ("data_sha256", 7, "data_sha256"),
+    ("version", True, "format/version"),
+])
+def test_valid_crc_bad_field_is_refused_in_one_line(saved_file, tmp_path, field, value, words):
+    h, data = split(saved_file)
+    p = tmp_path / "bad.rgs"
+    rewrite(p, dumps(with_field(h, field, value)), data)
+    with pytest.raises(RgemmaError) as e:
+        statefile.load(p)
+    msg = str(e.value)
+    assert words in msg and "\n" not in msg and str(p) in msg
+
+
+def test_overlapping_tensor_offsets_are_refused(saved_file, tmp_path):
+    """Two tensors on the same bytes would resume with the wrong recurrent state."""
+    h, data = split(saved_file)
+    h["tensors"]["layers.1.h"]["offsets"] = h["tensors"]["layers.0.h"]["offsets"]
+    rewrite(tmp_path / "o.rgs", dumps(h), data)
+    with pytest.raises(RgemmaError, match="overlaps another or leaves a gap"):
+        statefile.load(tmp_path / "o.rgs")
+
+
+def test_deeply_nested_header_is_refused(tmp_path):
+    rewrite(tmp_path / "d.rgs", b"[" * 100_000 + b"]" * 100_000, b"")
+    with pytest.raises(RgemmaError, match="nested too deeply"):
+        statefile.load(tmp_path / "d.rgs")
+
+
+def test_non_finite_state_values_are_refused(saved_file, tmp_path):
+    h, data = split(saved_file)
+    data = bytearray(data)
+    b = h["tensors"]["layers.0.h"]["offsets"][0]
+    data[b:b + 4] = np.float32(np.nan).tobytes()
+    h["data_sha256"] = __import__("hashlib").sha256(bytes(data)).hexdigest()
+    rewrite(tmp_path / "n.rgs", dumps(h), bytes(data))
+    with pytest.raises(RgemmaError, match="layers.0.h holds NaN or Inf"):
+        statefile.load(tmp_path / "n.rgs")
+
+
+@FUZZ
+@given(data=st.data())
+def test_property_mutated_headers_are_refused_or_resume_exactly(saved_file, tiny, tmp_path_factory, data):
+    h, blob = split(saved_file)
+    p = tmp_path_factory.mktemp("m") / "m.rgs"
+    rewrite(p, dumps(data.draw(mutated(h))), blob)
+    try:
+        s = statefile.load(p)
+        statefile.check_model(s, tiny[0], tiny[1], p)
+    except RgemmaError as e:
+        record("state file header", "\n" not in str(e))
+        assert "\n" not in str(e)
+        return
+    except BaseException:
+        record("state file header", False)
+        raise
+    # accepted (a field that does not matter: created, name, an extra key, transcript text...):
+    # the resumed session continues exactly like the original file's
+    ref = statefile.load(saved_file)
+    assert s.ctx.state == ref.ctx.state
+    a = statefile.restore(s, *tiny)
+    b = statefile.restore(ref, *tiny)
+    if a.settings == b.settings and a.ctx.pending == b.ctx.pending and a.ctx.recent == b.ctx.recent:
+        ga, gb = a.generate((), 4), b.generate((), 4)
+        list(ga), list(gb)
+        assert ga.tokens == gb.tokens or a.ctx.rng != b.ctx.rng
+    record("state file header", True)
+
+
+# -- identity (issue 11, item 5) --------------------------------------------------------------
+
+def test_fine_tune_with_the_same_norms_is_refused(tiny, tmp_path):
+    """Same config, headers, norms and biases; only the matrices differ (a fine-tune)."""
+    from rgemma_cli import load
+    from rgemma_cli.checkpoint import open_tensors
+    from rgemma_cli.safetensors import write_safetensors
+    model, tok = tiny
+    import conftest
+    d = conftest.write_tiny_model(tmp_path / "ft")
+    tensors = {n: np.array(f.tensor(n)) for n, f in open_tensors(d).items()}
+    for n in tensors:
+        if tensors[n].ndim == 2:
+            tensors[n] = tensors[n] + np.float32(1e-3)
+    write_safetensors(d / "model.safetensors", tensors)
+    tuned, tuned_tok = load(str(d))
+    base, _ = load(str(conftest.write_tiny_model(tmp_path / "base")))
+    statefile.save(tmp_path / "s.rgs", session((base, tok)), name="base")
+    with pytest.raises(RgemmaError, match="different model"):
+        statefile.check_model(statefile.load(tmp_path / "s.rgs"), tuned, tuned_tok, tmp_path / "s.rgs")
+    statefile.check_model(statefile.load(tmp_path / "s.rgs"), base, tuned_tok, tmp_path / "s.rgs")
+
+
+def test_old_identity_is_refused_with_a_clear_rule(saved_file, tiny, tmp_path):
+    h, data = split(saved_file)
+    del h["model"]["identity"]  # a file from before the v2 fingerprint
+    rewrite(tmp_path / "old.rgs", dumps(h), data)
+    old = statefile.load(tmp_path / "old.rgs")  # still readable: `rgemma state` shows it
+    with pytest.raises(RgemmaError, match=r"older rgemma whose model identity \(v1\)"):
+        statefile.check_model(old, *tiny, tmp_path / "old.rgs")
