@@ -9,7 +9,7 @@ install: $(BIN)/rgemma
 $(BIN)/rgemma: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[serve,test]'
 	@# compile the Numba kernels once now (they are cached), so the first real run starts warm
 	$(BIN)/rgemma generate -m demo -n 1 -t 0 -q "Hello" > /dev/null
 	@touch $@
@@ -17,7 +17,7 @@ $(BIN)/rgemma: pyproject.toml
 
 # The references (torch CPU, transformers, recurrentgemma): only for fixtures and live parity.
 install-reference: install
-	$(BIN)/pip install --quiet -e '.[test,reference]'
+	$(BIN)/pip install --quiet -e '.[serve,test,reference]'
 	$(BIN)/pip install --quiet --no-deps recurrentgemma==1.0.1
 
 test:

@@ -443,6 +443,57 @@ def bench(
         print(selfcheck.render(r))
 
 
+@app.command()
+@_user_errors
+def serve(
+    model: Model = DEFAULT_MODEL,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every "
+                                      "interface; set --api-key then).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8080,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", metavar="KEY", envvar="RGEMMA_API_KEY", show_envvar=True,
+        help="Require 'Authorization: Bearer KEY' on /v1/ requests.", show_default=False)] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", metavar="N",
+                                           help="Requests generated together at most.")] = 8,
+    max_queue: Annotated[int, typer.Option("--max-queue", metavar="N", help="Requests waiting "
+                                           "for a place at most; past it, 429.")] = 64,
+    state_cache_mb: Annotated[float, typer.Option(
+        "--state-cache-mb", metavar="MB", help="Memory for conversation states (0 = none in "
+        "memory).")] = 1024,
+    state_cache_dir: Annotated[Optional[Path], typer.Option(
+        "--state-cache-dir", metavar="DIR", help="Keep conversation states on disk here too "
+        "(they survive a restart).", show_default=False)] = None,
+    state_cache_disk_mb: Annotated[float, typer.Option(
+        "--state-cache-disk-mb", metavar="MB", help="Disk for --state-cache-dir at most.")] = 8192,
+    max_tokens: Annotated[int, typer.Option(
+        "--max-tokens", metavar="N", help="Tokens per reply at most (and the default).")] = 2048,
+    max_prompt_tokens: Annotated[int, typer.Option(
+        "--max-prompt-tokens", metavar="N", help="Prompt tokens per request at most.")] = 32768,
+    max_body_mb: Annotated[float, typer.Option(
+        "--max-body-mb", metavar="MB", help="Request body size at most.")] = 4,
+):
+    """Serve the model over an OpenAI-compatible HTTP API (docs/server.md); Ctrl-C stops it."""
+    for name, v, lo in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
+                        ("--max-tokens", max_tokens, 0), ("--max-prompt-tokens", max_prompt_tokens, 1),
+                        ("--port", port, 0), ("--state-cache-mb", state_cache_mb, 0),
+                        ("--state-cache-disk-mb", state_cache_disk_mb, 0), ("--max-body-mb", max_body_mb, 0)):
+        if not (v >= lo) or v != v:
+            raise RgemmaError(f"{name} must be >= {lo}, got {v}")
+    if port > 65535:
+        raise RgemmaError(f"--port must be <= 65535, got {port}")
+    try:
+        from .server import Limits, serve as run_server
+    except ImportError:
+        raise RgemmaError("rgemma serve needs FastAPI and uvicorn: pip install 'rgemma-cli[serve]' "
+                          "(make install includes them)") from None
+    raise typer.Exit(run_server(
+        model, host=host, port=port, api_key=api_key or None, max_batch=max_batch,
+        max_queue=max_queue, state_cache_mb=state_cache_mb, state_cache_dir=state_cache_dir,
+        state_cache_disk_mb=state_cache_disk_mb,
+        limits=Limits(max_body_bytes=int(max_body_mb * 2**20), max_prompt_tokens=max_prompt_tokens,
+                      max_tokens=max_tokens)))
+
+
 @app.command("state")
 @_user_errors
 def state_cmd(file: Annotated[Path, typer.Argument(metavar="FILE", help="A state file.")]):

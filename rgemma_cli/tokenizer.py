@@ -77,6 +77,43 @@ class Tokenizer:
         ids += [START_OF_TURN] + self.encode("model\n")
         return ids
 
+    def chat_messages(self, messages) -> list[int]:
+        """The ids of a whole conversation, OpenAI-style `[{"role", "content"}]` with roles
+        system, user and assistant, rendered as `chat_prompt` and the model's own replies
+        would have fed it: BOS, one `<start_of_turn>role\\n...<end_of_turn>\\n` per turn, then
+        `<start_of_turn>model\\n` to open the reply. As in Gemma's template, system text is
+        folded into the next user turn and content is stripped; consecutive messages of one
+        role are joined by a blank line. A last assistant message is left open: the model
+        continues it. An assistant turn is `encode("model\\n") + encode(content)`, exactly the
+        ids a reply generated after `chat_prompt` sits on.
+        """
+        turns: list[list] = []  # [role, text]
+        system: list[str] = []
+        for m in messages:
+            role, text = m["role"], m["content"].strip()
+            if role == "system":
+                system.append(text)
+                continue
+            if role == "user" and system:
+                text = "\n\n".join(s for s in system + [text] if s)
+                system = []
+            if turns and turns[-1][0] == role:
+                turns[-1][1] = "\n\n".join(t for t in (turns[-1][1], text) if t)
+            else:
+                turns.append([role, text])
+        if system:  # only system text (or a system message last): it is the user's turn
+            turns.append(["user", "\n\n".join(s for s in system if s)])
+        ids = [self.bos_id]
+        for i, (role, text) in enumerate(turns):
+            if role == "user":
+                ids += [START_OF_TURN] + self.encode("user\n" + text) + [END_OF_TURN] + self.newline
+            else:
+                ids += [START_OF_TURN] + self.encode("model\n") + self.encode(text)
+                if i == len(turns) - 1:
+                    return ids  # continue this reply
+                ids += [END_OF_TURN] + self.newline
+        return ids + [START_OF_TURN] + self.encode("model\n")
+
     def detokenizer(self) -> "StreamDecoder":
         """A fresh streaming decoder for generated ids."""
         return StreamDecoder(self)
