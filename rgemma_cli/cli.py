@@ -447,9 +447,9 @@ def bench(
 @_user_errors
 def serve(
     model: Model = DEFAULT_MODEL,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every "
+    host: Annotated[str, typer.Option("--host", metavar="HOST", help="Address to listen on (0.0.0.0: every "
                                       "interface; set --api-key then).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8080,
+    port: Annotated[int, typer.Option("--port", metavar="PORT", help="TCP port.")] = 8080,
     api_key: Annotated[Optional[str], typer.Option(
         "--api-key", metavar="KEY", envvar="RGEMMA_API_KEY", show_envvar=True,
         help="Require 'Authorization: Bearer KEY' on /v1/ requests.", show_default=False)] = None,

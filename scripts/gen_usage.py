@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "usage.md"
-COMMANDS = [[], ["generate"], ["chat"], ["download"], ["info"], ["quantize"], ["state"]]
+COMMANDS = [[], ["generate"], ["chat"], ["serve"], ["download"], ["info"], ["quantize"], ["state"]]
 
 
 def help_text(args: list[str]) -> str:
