@@ -224,8 +224,6 @@ class Scheduler:
         job._todo = ids[job.cached_tokens:]
         job._rng = np.random.Generator(np.random.PCG64(job.request.settings.with_seed().seed))
         job._detok = self.tokenizer.detokenizer()
-        if job.request.max_tokens == 0:
-            self._finish(job, "length")
 
     def _advance(self, job: Job, chunk, logits, state) -> None:
         job._state = state
@@ -235,6 +233,8 @@ class Scheduler:
         if logits is None:
             return
         r = job.request
+        if r.max_tokens == 0:  # only read the prompt (into the cache)
+            return self._finish(job, "length")
         token = sample(logits, r.settings, job._recent, job._rng)
         job.tokens.append(token)
         self.generated += 1
@@ -250,9 +250,9 @@ class Scheduler:
         safe = len(job._buf) - _held_back(job._buf, r.stop_strings)
         if safe > job._out:
             self._send(job, job._buf[job._out:safe])
-        if len(job.tokens) >= r.max_tokens:
-            return self._finish(job, "length")
         job._todo = [token]
+        if len(job.tokens) >= r.max_tokens:
+            self._finish(job, "length")
 
     def _send(self, job: Job, piece: str) -> None:
         job._out += len(piece)
@@ -265,10 +265,20 @@ class Scheduler:
         if reason != "cancelled" and len(job._buf) > job._out:
             self._send(job, job._buf[job._out:])  # held back for a stop string that never came
         job.finish_reason = reason
-        if reason != "cancelled" and job._state is not None:
+        job.on_event(("done", reason))
+        if reason != "cancelled" and job._state is not None and self.cache is not None:
+            if reason == "length" and job._todo:
+                # the reply's last token is sampled but not read, and the client will send it
+                # back: read it now (the client already has its answer), before any later
+                # request is admitted and looks the conversation up
+                try:
+                    _, job._state = self.model.forward(job._todo, job._state, last_only=True)
+                    job._fed += job._todo
+                    job._recent = (job._recent + tuple(job._todo))[-HISTORY_KEEP:]
+                except Exception:
+                    pass  # only a cache entry is lost
             self._cache(job)
         job._state = None
-        job.on_event(("done", reason))
 
     def _fail(self, job: Job, e: Exception) -> None:
         if job.finish_reason is not None:
@@ -285,8 +295,9 @@ class Scheduler:
         aliases = []
         n = len(job.request.prompt_ids)
         reply = job._fed[n:]
-        if (job.request.reply_is_text and job.tokens and job.tokens[-1] in job.request.stop_ids
-                and job.text == job._buf):
+        ended = job.tokens and (job.tokens[-1] in job.request.stop_ids or
+                                len(job._fed) == n + len(job.tokens))  # at a stop id, or all read
+        if job.request.reply_is_text and ended and job.text == job._buf:
             retok = self.tokenizer.encode(job.text.strip())
             if retok != reply and self.tokenizer.decode(reply).strip() == job.text.strip():
                 aliases.append(job._fed[:n] + retok)

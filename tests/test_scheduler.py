@@ -134,9 +134,26 @@ def test_a_growing_conversation_feeds_only_new_tokens_and_answers_the_same(demo)
         run_all(with_cache), run_all(without)
         assert a.tokens == b.tokens and b.cached_tokens == 0
         if turn:
-            # everything up to the previous reply came from the cache: only the reply's tail
-            # (its last token, unfed if it hit the limit) and the new turn were read
-            assert a.cached_tokens >= len(prev) + len(prev_job.tokens) - 1
+            # everything up to the end of the previous reply came from the cache (a stop id
+            # that ended it is sent back as the template's own end of turn): only the new turn
+            # was read
+            assert a.cached_tokens == len(prev) + prev_job.completion_tokens
         prev, prev_job = ids, a
         messages.append({"role": "assistant", "content": a.text})
     assert cache.hits == 3
+
+
+def test_a_prompt_with_max_tokens_0_is_read_into_the_cache(demo):
+    """Read a document once (max_tokens 0), then ask about it: only the question is read."""
+    model, tok = demo
+    cache = StateCache(1 << 20, model=model, tokenizer=tok)
+    sched = Scheduler(model, tok, cache=cache, prefill_chunk=16)
+    doc = [{"role": "user", "content": "a long document " * 20}]
+    ids = tok.chat_messages(doc)
+    job, events = submit(sched, Request(tuple(ids), SamplerSettings(seed=1), 0))
+    run_all(sched)
+    assert job.finish_reason == "length" and not job.tokens and events == [("done", "length")]
+    ask = tuple(ids + [5, 6, 7])
+    again, _ = submit(sched, Request(ask, SamplerSettings(seed=1), 2))
+    run_all(sched)
+    assert again.cached_tokens == len(ids)

@@ -1,0 +1,185 @@
+"""Time to first token of turn k of a growing conversation, through `rgemma serve`, with and
+without the state cache; and a bounded load test. Writes bench/serve.md (docs/benchmarks.md
+includes it; bench/report.py appends it on every `make bench`).
+
+    .venv/bin/python bench/serve_ttft.py [--turns 20] [--models demo weights/bench-2b-bf16]
+                                         [--load-only] [--no-load]
+
+Each conversation: turn k sends the k user messages so far and the k-1 replies the server gave
+(as a chat client does), asks for `--reply-tokens` tokens, and records the time from sending
+the request to the first streamed chunk after the role chunk. "Without" is the same server
+with `--state-cache-mb 0`: every turn reads the whole conversation again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "bench" / "serve.md"
+
+from rgemma_cli import server as srv  # noqa: E402
+
+USER = ("Here is the next part of my question about the garden, the weather and the old "
+        "house by the river; what do you think about turn {k}?")
+
+
+class Server:
+    def __init__(self, model, **kw):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        self.base = "http://127.0.0.1:%d" % sock.getsockname()[1]
+        ready = threading.Event()
+
+        def on_ready(s):
+            self.server = s
+            ready.set()
+        self.thread = threading.Thread(target=srv.serve, args=(model,), daemon=True,
+                                       kwargs=dict(sock=sock, ready=on_ready, **kw))
+        self.thread.start()
+        if not ready.wait(600):
+            raise SystemExit("server did not start")
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(120)
+
+
+def first_chunk(base, body):
+    """(seconds to the first chunk after the role chunk, reply text, usage)."""
+    t0 = time.perf_counter()
+    ttft, text, usage = None, [], None
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=3600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if obj.get("usage"):
+                usage = obj["usage"]
+            for c in obj["choices"]:
+                if "role" in c["delta"]:
+                    continue
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                text.append(c["delta"].get("content") or "")
+    return ttft, "".join(text), usage
+
+
+def conversation(model, turns, reply_tokens, cache_mb):
+    s = Server(model, state_cache_mb=cache_mb, max_batch=1)
+    rows = []
+    try:
+        msgs = []
+        for k in range(1, turns + 1):
+            msgs.append({"role": "user", "content": USER.format(k=k)})
+            body = {"messages": msgs, "max_tokens": reply_tokens, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            ttft, text, usage = first_chunk(s.base, body)
+            rows.append({"turn": k, "ttft_s": ttft, "prompt_tokens": usage["prompt_tokens"],
+                         "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]})
+            print(f"  {model} cache={cache_mb} turn {k}: {ttft:.3f} s, prompt "
+                  f"{usage['prompt_tokens']}, cached {rows[-1]['cached_tokens']}", flush=True)
+            msgs.append({"role": "assistant", "content": text})
+    finally:
+        s.stop()
+    return rows
+
+
+def load_test(model, clients=16, requests=64, max_tokens=32, max_batch=16):
+    s = Server(model, max_batch=max_batch)
+    try:
+        def one(i):
+            body = {"messages": [{"role": "user", "content": f"Tell me about day {i}."}],
+                    "max_tokens": max_tokens, "seed": i, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            _, _, usage = first_chunk(s.base, body)
+            return usage["completion_tokens"]
+        first_chunk(s.base, {"messages": [{"role": "user", "content": "warm up"}], "max_tokens": 2,
+                             "stream": True, "stream_options": {"include_usage": True}})
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            tokens = list(pool.map(one, range(requests)))
+        seconds = time.perf_counter() - t0
+    finally:
+        s.stop()
+    return {"clients": clients, "requests": requests, "completed": len(tokens),
+            "max_tokens": max_tokens, "max_batch": max_batch, "tokens": sum(tokens),
+            "seconds": seconds, "tok_s": sum(tokens) / seconds}
+
+
+def cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--turns", type=int, default=20)
+    ap.add_argument("--reply-tokens", type=int, default=8)
+    ap.add_argument("--models", nargs="+", default=["demo", str(ROOT / "weights" / "bench-2b-bf16")])
+    ap.add_argument("--no-load", action="store_true")
+    a = ap.parse_args()
+    results = {"cpu": cpu_name(), "cores": os.cpu_count(), "ttft": {}}
+    for model in a.models:
+        if not Path(model).exists() and model != "demo":
+            print(f"skipping {model}: not found (bench/run.py makes it)")
+            continue
+        results["ttft"][model] = {
+            "with": conversation(model, a.turns, a.reply_tokens, 1024),
+            "without": conversation(model, a.turns, a.reply_tokens, 0)}
+    if not a.no_load:
+        results["load"] = load_test("demo")
+    (ROOT / "bench" / "out").mkdir(exist_ok=True)
+    (ROOT / "bench" / "out" / "serve.json").write_text(json.dumps(results, indent=1))
+    OUT.write_text(render(results, a))
+    print(OUT.read_text())
+
+
+def render(R, a) -> str:
+    L = ["## Server: time to first token", "",
+         f"`python bench/serve_ttft.py --turns {a.turns} --reply-tokens {a.reply_tokens}` on "
+         f"{R['cpu']} ({R['cores']} cores, a shared machine: other jobs ran at the same time, so "
+         f"absolute times are noisy; the shape is the point). Turn k sends the whole "
+         f"conversation so far (k user messages of ~30 tokens and k-1 replies of "
+         f"{a.reply_tokens} tokens), as every OpenAI client does; time from the request to the "
+         f"first streamed token. With the state cache the server reads only the new turn "
+         f"(`cached_tokens`); without it (`--state-cache-mb 0`) the whole conversation.", ""]
+    for model, r in R["ttft"].items():
+        name = Path(model).name
+        L += [f"**{name}**", "", "| turn | prompt tokens | cached | TTFT with cache (s) | TTFT without (s) |",
+              "|---:|---:|---:|---:|---:|"]
+        for w, wo in zip(r["with"], r["without"]):
+            L.append(f"| {w['turn']} | {w['prompt_tokens']} | {w['cached_tokens']} | "
+                     f"{w['ttft_s']:.3f} | {wo['ttft_s']:.3f} |")
+        L.append("")
+    if "load" in R:
+        d = R["load"]
+        L += ["### Load test (demo)", "",
+              f"{d['clients']} concurrent streaming clients, {d['requests']} chat requests of "
+              f"{d['max_tokens']} tokens, `--max-batch {d['max_batch']}`: {d['completed']} of "
+              f"{d['requests']} completed, {d['tokens']} tokens in {d['seconds']:.1f} s = "
+              f"**{d['tok_s']:.1f} tok/s** aggregate.", ""]
+    return "\n".join(L)
+
+
+if __name__ == "__main__":
+    main()
