@@ -461,6 +461,9 @@ def write_report(R, doc: Path, png: Path, cpus: dict | None = None):
       "parallel kernels wait at each of the ~165 barriers per token (CPU/wall near 1.0 flags it).\n")
     if plot(R, png):
         w(f"## Throughput against generation length\n\n![decode throughput]({png.name})\n")
+    serve = Path(__file__).resolve().parent / "serve.md"  # bench/serve_ttft.py's last run
+    if serve.exists():
+        w(serve.read_text())
     doc.write_text("\n".join(L) + "\n")
 
 

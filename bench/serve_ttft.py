@@ -17,9 +17,8 @@ import argparse
 import json
 import os
 import platform
-import socket
+import shutil
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,26 +35,8 @@ USER = ("Here is the next part of my question about the garden, the weather and 
         "house by the river; what do you think about turn {k}?")
 
 
-class Server:
-    def __init__(self, model, **kw):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(128)
-        self.base = "http://127.0.0.1:%d" % sock.getsockname()[1]
-        ready = threading.Event()
-
-        def on_ready(s):
-            self.server = s
-            ready.set()
-        self.thread = threading.Thread(target=srv.serve, args=(model,), daemon=True,
-                                       kwargs=dict(sock=sock, ready=on_ready, **kw))
-        self.thread.start()
-        if not ready.wait(600):
-            raise SystemExit("server did not start")
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(120)
+def Server(model, **kw):
+    return srv.Background(model, **kw)
 
 
 def first_chunk(base, body):
@@ -79,24 +60,42 @@ def first_chunk(base, body):
     return ttft, "".join(text), usage
 
 
-def conversation(model, turns, reply_tokens, cache_mb):
-    s = Server(model, state_cache_mb=cache_mb, max_batch=1)
+def conversation(model, turns, reply_tokens):
+    """Turns 1..turns against a server with the state cache: per turn the TTFT, the prompt
+    and cached token counts, and the request body (replayed without the cache)."""
+    s = Server(model, max_batch=1)
     rows = []
     try:
         msgs = []
         for k in range(1, turns + 1):
             msgs.append({"role": "user", "content": USER.format(k=k)})
-            body = {"messages": msgs, "max_tokens": reply_tokens, "temperature": 0, "stream": True,
-                    "stream_options": {"include_usage": True}}
+            body = {"messages": list(msgs), "max_tokens": reply_tokens, "temperature": 0,
+                    "stream": True, "stream_options": {"include_usage": True}}
             ttft, text, usage = first_chunk(s.base, body)
             rows.append({"turn": k, "ttft_s": ttft, "prompt_tokens": usage["prompt_tokens"],
-                         "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]})
-            print(f"  {model} cache={cache_mb} turn {k}: {ttft:.3f} s, prompt "
-                  f"{usage['prompt_tokens']}, cached {rows[-1]['cached_tokens']}", flush=True)
+                         "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+                         "body": body})
+            print(f"  {model} turn {k}: {ttft:.3f} s, prompt {usage['prompt_tokens']}, cached "
+                  f"{rows[-1]['cached_tokens']}", flush=True)
             msgs.append({"role": "assistant", "content": text})
     finally:
         s.stop()
     return rows
+
+
+def without_cache(model, rows, turns):
+    """The same requests (turns in `turns`) to a server without the cache."""
+    s = Server(model, max_batch=1, state_cache_mb=0)
+    out = {}
+    try:
+        for r in rows:
+            if r["turn"] in turns:
+                out[r["turn"]], _, usage = first_chunk(s.base, r["body"])
+                assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+                print(f"  {model} without cache, turn {r['turn']}: {out[r['turn']]:.3f} s", flush=True)
+    finally:
+        s.stop()
+    return out
 
 
 def load_test(model, clients=16, requests=64, max_tokens=32, max_batch=16):
@@ -136,20 +135,32 @@ def main():
     ap.add_argument("--turns", type=int, default=20)
     ap.add_argument("--reply-tokens", type=int, default=8)
     ap.add_argument("--models", nargs="+", default=["demo", str(ROOT / "weights" / "bench-2b-bf16")])
+    ap.add_argument("--big-turns", type=int, nargs="+", default=[1, 2, 5, 10, 15, 20],
+                    help="turns measured without the cache on models other than the demo")
     ap.add_argument("--no-load", action="store_true")
     a = ap.parse_args()
-    results = {"cpu": cpu_name(), "cores": os.cpu_count(), "ttft": {}}
+    saved = ROOT / "bench" / "out" / "serve.json"
+    saved.parent.mkdir(exist_ok=True)
+    results = json.loads(saved.read_text()) if saved.exists() else {}  # other models' last run
+    results.update({"cpu": cpu_name(), "cores": os.cpu_count(),
+                    "threads": {k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS")}})
+    results.setdefault("ttft", {})
     for model in a.models:
         if not Path(model).exists() and model != "demo":
             print(f"skipping {model}: not found (bench/run.py makes it)")
             continue
-        results["ttft"][model] = {
-            "with": conversation(model, a.turns, a.reply_tokens, 1024),
-            "without": conversation(model, a.turns, a.reply_tokens, 0)}
+        if model != "demo" and not (Path(model) / "tokenizer.model").exists():
+            # a synthetic checkpoint has none; the demo's has Gemma's special ids and 8000 pieces
+            shutil.copy(ROOT / "weights" / "demo" / "tokenizer.model", Path(model) / "tokenizer.model")
+        rows = conversation(model, a.turns, a.reply_tokens)
+        turns = set(range(1, a.turns + 1)) if model == "demo" else set(a.big_turns)
+        without = without_cache(model, rows, turns)
+        results["ttft"][Path(model).name] = [{**{k: v for k, v in r.items() if k != "body"},
+                                             "ttft_without_s": without.get(r["turn"])} for r in rows]
+        saved.write_text(json.dumps(results, indent=1))
     if not a.no_load:
         results["load"] = load_test("demo")
-    (ROOT / "bench" / "out").mkdir(exist_ok=True)
-    (ROOT / "bench" / "out" / "serve.json").write_text(json.dumps(results, indent=1))
+    saved.write_text(json.dumps(results, indent=1))
     OUT.write_text(render(results, a))
     print(OUT.read_text())
 
@@ -162,14 +173,15 @@ def render(R, a) -> str:
          f"conversation so far (k user messages of ~30 tokens and k-1 replies of "
          f"{a.reply_tokens} tokens), as every OpenAI client does; time from the request to the "
          f"first streamed token. With the state cache the server reads only the new turn "
-         f"(`cached_tokens`); without it (`--state-cache-mb 0`) the whole conversation.", ""]
+         f"(`cached_tokens`); without it (`--state-cache-mb 0`, the same requests) the whole "
+         f"conversation (on the 2B, turns {', '.join(map(str, a.big_turns))} only).", ""]
     for model, r in R["ttft"].items():
-        name = Path(model).name
-        L += [f"**{name}**", "", "| turn | prompt tokens | cached | TTFT with cache (s) | TTFT without (s) |",
+        L += [f"**{model}**", "", "| turn | prompt tokens | cached | TTFT with cache (s) | TTFT without (s) |",
               "|---:|---:|---:|---:|---:|"]
-        for w, wo in zip(r["with"], r["without"]):
+        for w in r:
+            wo = "" if w["ttft_without_s"] is None else f"{w['ttft_without_s']:.3f}"
             L.append(f"| {w['turn']} | {w['prompt_tokens']} | {w['cached_tokens']} | "
-                     f"{w['ttft_s']:.3f} | {wo['ttft_s']:.3f} |")
+                     f"{w['ttft_s']:.3f} | {wo} |")
         L.append("")
     if "load" in R:
         d = R["load"]

@@ -4,7 +4,9 @@ A request (`Job`) joins the running batch at the next step once there is room (`
 until then it waits in a bounded queue (`submit` raises `QueueFull` past `max_queue`: the server
 answers 429). Each step advances every running job by one unit of work: a chunk of at most
 `prefill_chunk` prompt tokens, or one decoded token, so a long prompt arriving never stalls the
-streams already running for more than a chunk. A job leaves the batch at the step it finishes
+streams already running for more than about a chunk: jobs reading their prompts take turns,
+first come first served, at most ~`prefill_chunk` prompt tokens a step in all. A job's prompt
+is always cut at the same places, whatever else runs, so its arithmetic is too. A job leaves the batch at the step it finishes
 or at the first step after `cancel()` (a client that went away).
 
 What a job produces depends only on its own prompt, settings and seed: every job has its own
@@ -34,7 +36,7 @@ from .errors import RgemmaError
 from .generation import HISTORY_KEEP, _find_stop, _held_back
 from .sampling import SamplerSettings, sample
 
-PREFILL_CHUNK = 128  # prompt tokens a job reads per step while others decode
+PREFILL_CHUNK = 128  # prompt tokens read per step (all joining jobs together) while others decode
 
 
 class QueueFull(RgemmaError):
@@ -54,7 +56,9 @@ class Request:
     max_tokens: int
     stop_ids: frozenset = frozenset()  # ids that end the reply (not shown)
     stop_strings: tuple[str, ...] = ()  # texts that end the reply (not shown)
-    reply_is_text: bool = True  # cache an alias keyed by the re-tokenized reply (chat replies)
+    # text -> the ids a client will send back for the prompt plus this reply (the chat
+    # template re-tokenizes the reply's text): the finished state is cached under them too
+    render_reply: object = None
 
 
 @dataclass(eq=False)
@@ -186,9 +190,21 @@ class Scheduler:
                     continue
                 self.running.append(job)
                 self._admit(job)
-        batch = [j for j in self.running if j.finish_reason is None]
+        batch, chunks, budget = [], [], self.prefill_chunk
+        for job in self.running:
+            if job.finish_reason is not None:
+                continue
+            if job.tokens:  # decoding: its one pending token
+                n = 1
+            elif budget > 0:  # reading its prompt, in chunks that never depend on other jobs
+                n = min(len(job._todo), self.prefill_chunk)
+                budget -= n
+            else:  # this step's prompt budget is spent: wait for the next step
+                n = 0
+            if n:
+                batch.append(job)
+                chunks.append(job._todo[:n])
         if batch:
-            chunks = [j._todo[:self.prefill_chunk] for j in batch]
             try:
                 results = self._forward(batch, chunks)
             except Exception as e:  # a bug must not kill the server: fail these jobs only
@@ -288,8 +304,8 @@ class Scheduler:
         job.on_event(("error", msg))
 
     def _cache(self, job: Job) -> None:
-        """Keep the state under the ids fed; for a reply that ended at a stop id, also
-        under the prompt plus the reply's text re-tokenized (what a client sends back)."""
+        """Keep the state under the ids fed and, for a reply read to its end, also under the
+        ids the client will render for it (`Request.render_reply`)."""
         if self.cache is None or not job._fed:
             return
         aliases = []
@@ -297,8 +313,9 @@ class Scheduler:
         reply = job._fed[n:]
         ended = job.tokens and (job.tokens[-1] in job.request.stop_ids or
                                 len(job._fed) == n + len(job.tokens))  # at a stop id, or all read
-        if job.request.reply_is_text and ended and job.text == job._buf:
-            retok = self.tokenizer.encode(job.text.strip())
-            if retok != reply and self.tokenizer.decode(reply).strip() == job.text.strip():
-                aliases.append(job._fed[:n] + retok)
+        render = job.request.render_reply
+        if render is not None and ended and job.text == job._buf:  # (not cut by a stop string)
+            alias = list(render(job.text))
+            if alias != job._fed and self.tokenizer.decode(reply).strip() == job.text.strip():
+                aliases.append(alias)
         self.cache.put(job._fed, job._state, job._recent, aliases)

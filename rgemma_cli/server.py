@@ -20,7 +20,9 @@ import hmac
 import json
 import math
 import secrets
+import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -287,8 +289,11 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, api_key: str
         settings, max_tokens, stop, stream, usage = parse_settings(body, limits)
         ids = tokenizer.chat_messages(messages)
         stop_ids = frozenset({tokenizer.eos_id, END_OF_TURN, START_OF_TURN})
+
+        def render_reply(text):  # how the next request will show this reply (state cache)
+            return tokenizer.chat_messages(messages + [{"role": "assistant", "content": text}])
         return await run(request, ids, settings, max_tokens, stop, stop_ids, stream, usage,
-                         chat=True)
+                         chat=True, render_reply=render_reply)
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
@@ -302,7 +307,8 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, api_key: str
         return await run(request, ids, settings, max_tokens, stop, stop_ids, stream, usage,
                          chat=False)
 
-    async def run(request, ids, settings, max_tokens, stop, stop_ids, stream, include_usage, chat):
+    async def run(request, ids, settings, max_tokens, stop, stop_ids, stream, include_usage, chat,
+                  render_reply=None):
         if len(ids) > limits.max_prompt_tokens:
             raise _bad(f"the prompt is {len(ids)} tokens; this server reads at most "
                        f"{limits.max_prompt_tokens} (rgemma serve --max-prompt-tokens)",
@@ -319,7 +325,7 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, api_key: str
             except RuntimeError:  # the loop is gone (shutdown): nobody is listening
                 pass
 
-        req = Request(tuple(ids), settings, max_tokens, stop_ids, stop, reply_is_text=chat)
+        req = Request(tuple(ids), settings, max_tokens, stop_ids, stop, render_reply)
         try:
             job = scheduler.submit(req, on_event)
         except QueueFull as e:
@@ -467,3 +473,41 @@ def serve(model_name: str, *, host: str = "127.0.0.1", port: int = 8080,
     if cache.directory is not None:
         print(f"rgemma serve: state cache written to {cache.directory}", file=sys.stderr)
     return 0
+
+
+class Background:
+    """`serve` on a free port of 127.0.0.1 in a thread of this process (tests, benchmarks,
+    embedding): `.base` is its URL, `.health()` its /health, `.stop()` shuts it down as
+    SIGTERM would and returns serve's exit status."""
+
+    def __init__(self, model_name: str, timeout: float = 600, **kw):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        self.base = "http://127.0.0.1:%d" % sock.getsockname()[1]
+        started = threading.Event()
+        self._server, self._result = None, {}
+
+        def ready(server):
+            self._server = server
+            started.set()
+
+        def run():
+            try:
+                self._result["rc"] = serve(model_name, sock=sock, ready=ready, **kw)
+            except BaseException as e:  # reported by the constructor or stop()
+                self._result["error"] = e
+                started.set()
+        self._thread = threading.Thread(target=run, name="rgemma-serve", daemon=True)
+        self._thread.start()
+        if not started.wait(timeout) or "error" in self._result:
+            raise RgemmaError(f"the server did not start: {self._result.get('error', 'timeout')}")
+
+    def health(self) -> dict:
+        import httpx
+        return httpx.get(self.base + "/health").json()
+
+    def stop(self, timeout: float = 60) -> int | None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        return self._result.get("rc")

@@ -128,7 +128,9 @@ def test_a_growing_conversation_feeds_only_new_tokens_and_answers_the_same(demo)
     for turn in range(4):
         messages.append({"role": "user", "content": f"question number {turn}"})
         ids = tuple(tok.chat_messages(messages))
-        req = Request(ids, SamplerSettings(temperature=0), 8, frozenset({tok.eos_id, END_OF_TURN}))
+        req = Request(ids, SamplerSettings(temperature=0), 8, frozenset({tok.eos_id, END_OF_TURN}),
+                      render_reply=lambda text, m=list(messages): tok.chat_messages(
+                          m + [{"role": "assistant", "content": text}]))
         a, _ = submit(with_cache, req)
         b, _ = submit(without, req)
         run_all(with_cache), run_all(without)

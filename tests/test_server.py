@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,33 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "demo"
 
 
-class Running:
-    """`server.serve` on a free port in a thread of this process."""
-
-    def __init__(self, **kw):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(128)
-        self.base = "http://127.0.0.1:%d" % sock.getsockname()[1]
-        ready = threading.Event()
-        self.server = None
-
-        def on_ready(s):
-            self.server = s
-            ready.set()
-        self.result = {}
-        self.thread = threading.Thread(target=lambda: self.result.update(rc=srv.serve(
-            MODEL, sock=sock, ready=on_ready, **kw)), daemon=True)
-        self.thread.start()
-        assert ready.wait(120), "the server did not start"
-
-    def health(self):
-        return httpx.get(self.base + "/health").json()
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(60)
-        assert not self.thread.is_alive()
+def Running(**kw):
+    return srv.Background(MODEL, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +31,7 @@ def live():
     s = Running(max_batch=8, limits=srv.Limits(max_tokens=64, max_prompt_tokens=400,
                                                max_body_bytes=20_000))
     yield s
-    s.stop()
+    assert s.stop() == 0
 
 
 def post(live, path, body, **kw):
