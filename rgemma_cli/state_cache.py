@@ -191,10 +191,10 @@ class StateCache:
         only loses the entry, as an eviction would."""
         from . import statefile
         from .generation import Context, Session
-        from .sampling import SamplerSettings
+        from .sampling import SamplerSettings, new_rng_state
 
         session = Session(self.model, self.tokenizer, SamplerSettings(seed=0),
-                          Context(e.state, e.recent, (), {}))
+                          Context(e.state, e.recent, (), new_rng_state(0)))
         first = None
         for n, d in e.keys:
             if d in self._files:
