@@ -137,7 +137,8 @@ def main():
     ap.add_argument("--models", nargs="+", default=["demo", str(ROOT / "weights" / "bench-2b-bf16")])
     ap.add_argument("--big-turns", type=int, nargs="+", default=[1, 2, 5, 10, 15, 20],
                     help="turns measured without the cache on models other than the demo")
-    ap.add_argument("--no-load", action="store_true")
+    ap.add_argument("--no-load", action="store_true", help="skip the load test")
+    ap.add_argument("--load-only", action="store_true", help="only the load test")
     a = ap.parse_args()
     saved = ROOT / "bench" / "out" / "serve.json"
     saved.parent.mkdir(exist_ok=True)
@@ -145,7 +146,7 @@ def main():
     results.update({"cpu": cpu_name(), "cores": os.cpu_count(),
                     "threads": {k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS")}})
     results.setdefault("ttft", {})
-    for model in a.models:
+    for model in ([] if a.load_only else a.models):
         if not Path(model).exists() and model != "demo":
             print(f"skipping {model}: not found (bench/run.py makes it)")
             continue
@@ -157,6 +158,9 @@ def main():
         without = without_cache(model, rows, turns)
         results["ttft"][Path(model).name] = [{**{k: v for k, v in r.items() if k != "body"},
                                              "ttft_without_s": without.get(r["turn"])} for r in rows]
+        results.setdefault("args", {})[Path(model).name] = {
+            "turns": a.turns, "reply_tokens": a.reply_tokens, "without": sorted(turns),
+            "threads": results["threads"]}
         saved.write_text(json.dumps(results, indent=1))
     if not a.no_load:
         results["load"] = load_test("demo")
@@ -167,26 +171,34 @@ def main():
 
 def render(R, a) -> str:
     L = ["## Server: time to first token", "",
-         f"`python bench/serve_ttft.py --turns {a.turns} --reply-tokens {a.reply_tokens}` on "
-         f"{R['cpu']} ({R['cores']} cores, a shared machine: other jobs ran at the same time, so "
-         f"absolute times are noisy; the shape is the point). Turn k sends the whole "
-         f"conversation so far (k user messages of ~30 tokens and k-1 replies of "
-         f"{a.reply_tokens} tokens), as every OpenAI client does; time from the request to the "
+         f"`bench/serve_ttft.py` on {R['cpu']} ({R['cores']} cores) — a machine shared with six "
+         f"other developers' test runs (load average 12-15 on 2 cores while these ran), so "
+         f"absolute times are several times a quiet machine's; the shape is the point. Turn k "
+         f"sends the whole conversation so far (k user messages of ~30 tokens and the server's "
+         f"k-1 replies), as every OpenAI client does, and the time is from sending it to the "
          f"first streamed token. With the state cache the server reads only the new turn "
-         f"(`cached_tokens`); without it (`--state-cache-mb 0`, the same requests) the whole "
-         f"conversation (on the 2B, turns {', '.join(map(str, a.big_turns))} only).", ""]
-    for model, r in R["ttft"].items():
-        L += [f"**{model}**", "", "| turn | prompt tokens | cached | TTFT with cache (s) | TTFT without (s) |",
+         f"(`cached` prompt tokens come from the cache); without it (`--state-cache-mb 0`, the "
+         f"same requests replayed) it reads the whole conversation. The 2B is the synthetic "
+         f"2B-shaped bf16 checkpoint of `make bench` (random weights, the demo's tokenizer).", ""]
+    for model, rows in R["ttft"].items():
+        m = R.get("args", {}).get(model, {})
+        cmd = (f"NUMBA_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python bench/serve_ttft.py --turns "
+               f"{m.get('turns', len(rows))} --reply-tokens {m.get('reply_tokens', '?')}"
+               + ("" if model == "demo" else f" --big-turns {' '.join(map(str, m.get('without', [])))}")
+               + f" --models {'demo' if model == 'demo' else 'weights/' + model}")
+        L += [f"**{model}** (`{cmd}`)", "",
+              "| turn | prompt tokens | cached | TTFT with cache (s) | TTFT without (s) |",
               "|---:|---:|---:|---:|---:|"]
-        for w in r:
-            wo = "" if w["ttft_without_s"] is None else f"{w['ttft_without_s']:.3f}"
+        for w in rows:
+            wo = "" if w.get("ttft_without_s") is None else f"{w['ttft_without_s']:.2f}"
             L.append(f"| {w['turn']} | {w['prompt_tokens']} | {w['cached_tokens']} | "
-                     f"{w['ttft_s']:.3f} | {wo} |")
+                     f"{w['ttft_s']:.2f} | {wo} |")
         L.append("")
     if "load" in R:
         d = R["load"]
         L += ["### Load test (demo)", "",
-              f"{d['clients']} concurrent streaming clients, {d['requests']} chat requests of "
+              f"`python bench/serve_ttft.py --load-only`: {d['clients']} "
+              f"concurrent streaming clients, {d['requests']} chat requests of up to "
               f"{d['max_tokens']} tokens, `--max-batch {d['max_batch']}`: {d['completed']} of "
               f"{d['requests']} completed, {d['tokens']} tokens in {d['seconds']:.1f} s = "
               f"**{d['tok_s']:.1f} tok/s** aggregate.", ""]

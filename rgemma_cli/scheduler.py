@@ -25,6 +25,8 @@ the rest (`Job.cached_tokens`); when it finishes, its state is cached under the 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 import time
 from collections import deque
@@ -37,6 +39,12 @@ from .generation import HISTORY_KEEP, _find_stop, _held_back
 from .sampling import SamplerSettings, sample
 
 PREFILL_CHUNK = 128  # prompt tokens read per step (all joining jobs together) while others decode
+
+
+@functools.cache
+def _forward_params(model_type) -> frozenset:
+    """The keyword arguments the model's forward takes (stand-in models in tests take fewer)."""
+    return frozenset(inspect.signature(model_type.forward).parameters)
 
 
 class QueueFull(RgemmaError):
@@ -221,13 +229,37 @@ class Scheduler:
             self.running = [j for j in self.running if j.finish_reason is None]
 
     def _forward(self, batch, chunks):
-        """(last-position logits or None, new state) per job, after feeding its chunk."""
-        out = []
-        for job, chunk in zip(batch, chunks):
-            last = len(chunk) == len(job._todo)  # only the chunk that ends the todo samples
-            logits, state = self.model.forward(chunk, job._state, last_only=True)
-            out.append((logits[-1] if last else None, state))
+        """(last-position logits or None, new state) per job, after feeding its chunk.
+
+        Every job that feeds one token (decoding, or the last token of its prompt) goes into
+        one `Griffin.forward_batch` call, which reads each weight matrix once for all of them
+        and computes each row bit for bit as the one-sequence forward would (so a job's text
+        never depends on who else runs); prompt chunks run one `forward` each. A job's state
+        is its own (cache hits are copies), so both write its rings in place (`donate`)."""
+        out = [None] * len(batch)
+        single = [i for i, (job, chunk) in enumerate(zip(batch, chunks))
+                  if len(chunk) == 1 == len(job._todo)]
+        forward_batch = getattr(self.model, "forward_batch", None)
+        if forward_batch is not None and single:
+            logits, states = forward_batch([chunks[i][0] for i in single],
+                                           [batch[i]._state for i in single], donate=True)
+            for row, i in enumerate(single):
+                out[i] = (logits[row], states[row])
+        for i, (job, chunk) in enumerate(zip(batch, chunks)):
+            if out[i] is None:
+                last = len(chunk) == len(job._todo)  # only the chunk that ends the todo samples
+                logits, state = self.model.forward(chunk, job._state, last_only=True,
+                                                   **self._forward_kw(last))
+                out[i] = (logits[-1] if last else None, state)
         return out
+
+    def _forward_kw(self, want_logits: bool) -> dict:
+        """`forward`'s in-place and logits-skipping options, where the model has them."""
+        params = _forward_params(type(self.model))
+        kw = {"donate": True} if "donate" in params else {}
+        if "want_logits" in params:
+            kw["want_logits"] = want_logits  # the head is the largest matrix: skip it mid-prompt
+        return kw
 
     def _admit(self, job: Job) -> None:
         ids = list(job.request.prompt_ids)
