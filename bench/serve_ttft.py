@@ -139,6 +139,8 @@ def main():
                     help="turns measured without the cache on models other than the demo")
     ap.add_argument("--no-load", action="store_true", help="skip the load test")
     ap.add_argument("--load-only", action="store_true", help="only the load test")
+    ap.add_argument("--load-requests", type=int, default=64)
+    ap.add_argument("--load-tokens", type=int, default=32)
     a = ap.parse_args()
     saved = ROOT / "bench" / "out" / "serve.json"
     saved.parent.mkdir(exist_ok=True)
@@ -163,7 +165,7 @@ def main():
             "threads": results["threads"]}
         saved.write_text(json.dumps(results, indent=1))
     if not a.no_load:
-        results["load"] = load_test("demo")
+        results["load"] = load_test("demo", requests=a.load_requests, max_tokens=a.load_tokens)
     saved.write_text(json.dumps(results, indent=1))
     OUT.write_text(render(results, a))
     print(OUT.read_text())
@@ -197,7 +199,8 @@ def render(R, a) -> str:
     if "load" in R:
         d = R["load"]
         L += ["### Load test (demo)", "",
-              f"`python bench/serve_ttft.py --load-only`: {d['clients']} "
+              f"`python bench/serve_ttft.py --load-only --load-requests {d['requests']} "
+              f"--load-tokens {d['max_tokens']}`: {d['clients']} "
               f"concurrent streaming clients, {d['requests']} chat requests of up to "
               f"{d['max_tokens']} tokens, `--max-batch {d['max_batch']}`: {d['completed']} of "
               f"{d['requests']} completed, {d['tokens']} tokens in {d['seconds']:.1f} s = "

@@ -319,3 +319,20 @@ def test_serve_without_the_extra_says_how_to_get_it(monkeypatch, capsys):
     assert main(["serve", "-m", MODEL]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "pip install 'rgemma-cli[serve]'" in err and "\n" not in err
+
+
+def test_a_draining_server_answers_503(tiny):
+    """After SIGTERM, a request that still reaches the app is told to go elsewhere."""
+    from fastapi.testclient import TestClient
+
+    from rgemma_cli.scheduler import Scheduler
+    model, tok = tiny
+    sched = Scheduler(model, tok)
+    app = srv.create_app(sched, tok, model_name="tiny")
+    sched.drain()
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+        assert_error(r, 503, "shutting down")
+        app.state.draining = True
+        assert client.get("/health").status_code == 503
+        assert_error(client.post("/v1/completions", json={"prompt": "hi"}), 503)
