@@ -347,7 +347,10 @@ class Scheduler:
                                 len(job._fed) == n + len(job.tokens))  # at a stop id, or all read
         render = job.request.render_reply
         if render is not None and ended and job.text == job._buf:  # (not cut by a stop string)
-            alias = list(render(job.text))
+            try:
+                alias = list(render(job.text))
+            except RgemmaError:  # a conversation the template cannot continue: no alias
+                alias = job._fed
             if alias != job._fed and self.tokenizer.decode(reply).strip() == job.text.strip():
                 aliases.append(alias)
         self.cache.put(job._fed, job._state, job._recent, aliases)

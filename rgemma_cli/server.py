@@ -287,7 +287,10 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, api_key: str
         body = await read_json(request, limits.max_body_bytes)
         messages = parse_messages(body)
         settings, max_tokens, stop, stream, usage = parse_settings(body, limits)
-        ids = tokenizer.chat_messages(messages)
+        try:
+            ids = tokenizer.chat_messages(messages)
+        except RgemmaError as e:
+            raise _bad(str(e), "messages") from None
         stop_ids = frozenset({tokenizer.eos_id, END_OF_TURN, START_OF_TURN})
 
         def render_reply(text):  # how the next request will show this reply (state cache)
