@@ -29,14 +29,14 @@ test-generic:
 	NUMBA_CPU_NAME=generic $(BIN)/python -m pytest -q -p no:cacheprovider
 
 fixtures: install-reference
-	$(BIN)/python scripts/make_fixtures.py
+	$(BIN)/python scripts/fixtures/make_fixtures.py
 
 bench: install-reference
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/run.py
 
 docs:
-	$(BIN)/python scripts/gen_usage.py
+	$(BIN)/python scripts/docs/gen_usage.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

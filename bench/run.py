@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/run.py [--quick] [--skip-9b] [--skip-transformers]
 
-Prepares random 2B-shaped checkpoints under weights/ (bf16 from scripts/synth.py, int8 and 4-bit
+Prepares random 2B-shaped checkpoints under weights/ (bf16 from rgemma_cli.testing.synth, int8 and 4-bit
 from it with rgemma_cli.quantize; kept for the next run), then runs each measurement in its own
 process (bench/workers.py) and writes bench/out/results.json, docs/benchmarks.md and
 docs/bench-throughput.png. Ratios are taken between measurements of the same run, interleaved
@@ -90,15 +90,14 @@ def prepare(preset, dtype="bf16"):
     """The synthetic checkpoints (generated once, kept in the git-ignored weights/)."""
     src = WEIGHTS / f"bench-{preset}-{dtype}"
     if not (src / "config.json").exists():
-        log(f"generating {src} (random weights, scripts/synth.py)")
-        subprocess.run([PY, str(ROOT / "scripts" / "synth.py"), str(src), "--preset", preset,
+        log(f"generating {src} (random weights, rgemma_cli.testing.synth)")
+        subprocess.run([PY, "-m", "rgemma_cli.testing.synth", str(src), "--preset", preset,
                         "--dtype", dtype], check=True)
     return src
 
 
 def quantized(src, bits, embedding_bits=None, out=None):
     """src quantized (cached beside it, or in `out`); redone when quantize.py has changed since."""
-    sys.path.insert(0, str(ROOT))
     from rgemma_cli.quantize import quantize_checkpoint
     suffix = f"q{bits}" + (f"-emb{embedding_bits}" if embedding_bits else "")
     out = out or src.parent / f"{src.name.rsplit('-', 1)[0]}-{suffix}"
@@ -139,13 +138,12 @@ def small_models(tmp):
     """Small checkpoints for the quality table: the parity fixtures' tiny-80 config (widths of 80
     are not whole 4-bit groups: its 4-bit file is int8 almost throughout), a 64-wide one, and the
     trained demo model when present."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import synth
+    from rgemma_cli.testing import synth
     out = {}
     for name in ("tiny-80", "mkv"):
         d = tmp / name
         if not (d / "config.json").exists():
-            subprocess.run([PY, str(ROOT / "scripts" / "synth.py"), str(d), "--config", name],
+            subprocess.run([PY, "-m", "rgemma_cli.testing.synth", str(d), "--config", name],
                            check=True, capture_output=True)
         out[name] = d
     demo = WEIGHTS / "demo"

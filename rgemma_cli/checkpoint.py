@@ -19,7 +19,7 @@ import numpy as np
 from .config import ATTENTION, ModelConfig, read_config_json
 from .errors import RgemmaError
 from .formats import from_stored
-from .safetensors import SafetensorsFile, bf16_to_f32
+from .safetensors import SafetensorsFile, bf16_to_f32, write_atomic, write_safetensors
 from .schema import parse_json, short
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "weights" / "demo"
@@ -283,3 +283,69 @@ def load_weights(directory: str | Path):
                                       f"the checkpoint is corrupt")
         weights[name] = a
     return cfg, weights, fingerprint(cfg, files)
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+class CheckpointWriter:
+    """Write a checkpoint's tensors into `directory` in the Hugging Face layout: one
+    `model.safetensors`, or shards `model-0000k-of-0000n.safetensors` and
+    `model.safetensors.index.json` (weight_map, total_size = tensor bytes).
+
+    Tensors are added one at a time (an array, with its safetensors dtype where the NumPy one is
+    ambiguous, or a `safetensors.Streamed`) and held until the current shard reaches
+    `shard_bytes` (None: only `end_shard()` ends one), so at most a shard is in memory. Each
+    shard is written atomically under a temporary name and renamed by `close()`, once the
+    number of shards is known; `close()` also removes the shard and index files of an earlier
+    checkpoint in the directory, which would otherwise be read instead of, or with, the new one.
+    config.json and the side files are the caller's.
+    """
+
+    def __init__(self, directory, shard_bytes: int | None = 2 << 30, metadata: dict | None = None):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.shard_bytes, self.metadata = shard_bytes, metadata or {"format": "pt"}
+        self._pending, self._dtypes, self._size = {}, {}, 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self.total_size = 0
+
+    def add(self, name: str, tensor, dtype: str | None = None) -> None:
+        """Queue one tensor; ends the shard when it reaches shard_bytes."""
+        self._pending[name] = tensor
+        if dtype is not None:
+            self._dtypes[name] = dtype
+        self._size += tensor.nbytes
+        self.total_size += tensor.nbytes
+        if self.shard_bytes is not None and self._size >= self.shard_bytes:
+            self.end_shard()
+
+    def end_shard(self) -> None:
+        """Write the queued tensors as one shard (nothing if none are queued)."""
+        if not self._pending:
+            return
+        path = self.directory / f"shard-{len(self._shards):05d}.tmp.safetensors"
+        write_safetensors(path, self._pending, metadata=self.metadata, dtypes=self._dtypes)
+        self._shards.append((path, sorted(self._pending)))
+        self._pending, self._dtypes, self._size = {}, {}, 0
+
+    def close(self, index_metadata: dict | None = None) -> list[str]:
+        """Write the last shard, give the shards their final names, write the index (when
+        sharded, with `index_metadata` beside total_size); returns the file names written."""
+        self.end_shard()
+        n = len(self._shards)
+        names = ["model.safetensors"] if n <= 1 else [
+            f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        for old in self.directory.glob("model*.safetensors*"):  # an earlier checkpoint's files
+            if old.name not in names:
+                old.unlink()
+        weight_map = {}
+        for (path, keys), name in zip(self._shards, names):
+            os.replace(path, self.directory / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_size, **(index_metadata or {})},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            write_atomic(self.directory / "model.safetensors.index.json",
+                         [(json.dumps(index, indent=2) + "\n").encode()])
+            names.append("model.safetensors.index.json")
+        return names if n else []

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import IGNORED, open_tensors
+from .checkpoint import IGNORED, CheckpointWriter, open_tensors
 from .config import read_config_json
 from .errors import RgemmaError
 from .formats import Q4_GROUP, SCALE_SUFFIX
-from .safetensors import SafetensorsFile, bf16_to_f32, f32_to_bf16, write_safetensors
+from .safetensors import SafetensorsFile, bf16_to_f32, f32_to_bf16
 
 QUANTIZED_LAYERS = ("mlp_block.gate_proj", "mlp_block.up_proj", "mlp_block.down_proj",
                     "temporal_block.linear_x", "temporal_block.linear_y",
@@ -139,45 +139,21 @@ def quantize_checkpoint(src_dir, out_dir, bits: int, *, embedding_bits: int | No
     untied = config.get("tie_word_embeddings") is False  # then lm_head.weight is the head: keep it
     names = [(f, n) for n, f in open_tensors(src).items() if untied or n not in IGNORED]
 
-    shards, pending, size = [], {}, 0
-    dtypes = {}
-
-    def flush():
-        nonlocal pending, size
-        if pending:
-            path = out / f"shard-{len(shards):05d}.tmp.safetensors"
-            write_safetensors(path, pending, metadata={"format": "pt"}, dtypes=dtypes)
-            shards.append((path, list(pending)))
-            pending, size = {}, 0
-
+    writer = CheckpointWriter(out, shard_bytes)
     for done, (f, name) in enumerate(names, 1):
         layer = name.rsplit(".", 1)[0]
         if name == EMBEDDING and embedding_bits < 16:
-            new = _quantize_tensor(f, name, embedding_bits)
+            quantized = _quantize_tensor(f, name, embedding_bits)
         elif name.endswith(".weight") and layer.endswith(QUANTIZED_LAYERS):
-            new = _quantize_tensor(f, name, bits)
+            quantized = _quantize_tensor(f, name, bits)
         else:
-            new = {name: f.tensor(name)}
-            dtypes[name] = f.dtype(name)
-        for k, v in new.items():
-            pending[k] = v
-            size += v.nbytes
-        if size >= shard_bytes:
-            flush()
+            quantized = None
+            writer.add(name, f.tensor(name), f.dtype(name))  # as stored
+        for k, v in (quantized or {}).items():
+            writer.add(k, v)
         if progress:
             progress(done, len(names))
-    flush()
-
-    final = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map, total = {}, 0
-    for (path, keys), name in zip(shards, final):
-        total += path.stat().st_size
-        path.replace(out / name)
-        weight_map.update({k: name for k in keys})
-    if len(shards) > 1:
-        (out / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    writer.close()
     for p in src.iterdir():  # tokenizer and friends
         if p.is_file() and p.suffix != ".safetensors" and p.name not in (
                 "config.json", "model.safetensors.index.json"):

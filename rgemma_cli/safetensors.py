@@ -10,10 +10,13 @@ bits (the top half of a float32). `bf16_to_f32` / `f32_to_bf16` convert.
 
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
 import os
 import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -160,9 +163,34 @@ class SafetensorsFile:
         return a.reshape(info["shape"])
 
 
+@dataclass
+class Streamed:
+    """A tensor to write chunk by chunk, never whole in memory: its safetensors dtype ("BF16",
+    "F32", ...), its shape, and `chunks`, an iterable of arrays whose bytes, in order, are its
+    data (row-major)."""
+
+    dtype: str
+    shape: tuple
+    chunks: Iterable
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype].itemsize
+
+
+def _stream(t: Streamed, name: str):
+    done = 0
+    for c in t.chunks:
+        c = np.ascontiguousarray(c)
+        done += c.nbytes
+        yield c
+    if done != t.nbytes:
+        raise ValueError(f"tensor {name!r}: {done} bytes streamed, {t.nbytes} declared")
+
+
 def write_safetensors(path: str | Path, tensors: dict, metadata: dict | None = None,
                       dtypes: dict | None = None) -> None:
-    """Write tensors (NumPy arrays) to a safetensors file, atomically.
+    """Write tensors (NumPy arrays, or `Streamed`) to a safetensors file, atomically.
 
     `dtypes` maps a name to a safetensors dtype string where the NumPy dtype is ambiguous; a
     uint16 array is written as BF16 unless said otherwise.
@@ -171,19 +199,25 @@ def write_safetensors(path: str | Path, tensors: dict, metadata: dict | None = N
                np.dtype("<f8"): "F64", np.dtype("i1"): "I8", np.dtype("u1"): "U8",
                np.dtype("<i4"): "I32", np.dtype("<i8"): "I64"}
     dtypes = dtypes or {}
-    header, offset, arrays = {}, 0, []
+    header, offset, parts = {}, 0, []
     for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
-        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
-        header[name] = {"dtype": dtypes.get(name) or inverse[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-        arrays.append(a)
+        a = tensors[name]
+        if isinstance(a, Streamed):
+            dtype, shape, nbytes = a.dtype, a.shape, a.nbytes
+            parts.append(_stream(a, name))
+        else:
+            a = np.ascontiguousarray(a)
+            a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+            dtype, shape, nbytes = dtypes.get(name) or inverse[a.dtype], a.shape, a.nbytes
+            parts.append((a,))
+        header[name] = {"dtype": dtype, "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
-    write_atomic(Path(path), [struct.pack("<Q", len(blob)), blob, *arrays])
+    write_atomic(Path(path), itertools.chain([struct.pack("<Q", len(blob)), blob], *parts))
 
 
 def write_atomic(path: Path, parts) -> None:

@@ -3,16 +3,10 @@
 # -- a tiny -it model directory with the test tokenizer (CLI, generation and state-file tests) --
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-# scripts/ (synth.py: random HF-layout checkpoints) is importable from every test
-SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts"
-if str(SCRIPTS_DIR) not in sys.path:
-    sys.path.insert(0, str(SCRIPTS_DIR))
 
 TEST_TOKENIZER = Path(__file__).parent / "fixtures/tokenizer/tokenizer.model"
 
@@ -29,8 +23,8 @@ def tiny_config(**changes):
 
 def write_tiny_model(directory: Path, seed: int = 0, **changes) -> Path:
     """Random weights (numpy only) + config.json + tokenizer.model in `directory`."""
-    import synth
     from rgemma_cli.checkpoint import expected_shapes
+    from rgemma_cli.testing import synth
     cfg = tiny_config(**changes)
     rng = np.random.default_rng(seed)
     # unit-variance weights: smaller ones make greedy decoding repeat one token forever
@@ -60,8 +54,8 @@ def tiny(tiny_model_dir):
     return load(str(tiny_model_dir))
 
 
-# -- parity: random HF checkpoints from scripts/synth.py, reference fixtures ------------------
-# (test_parity.py, test_reference_live.py; the fixtures come from scripts/make_fixtures.py)
+# -- parity: random HF checkpoints (rgemma_cli.testing.synth), reference fixtures -------------
+# (test_parity.py, test_reference_live.py; the fixtures come from scripts/fixtures/make_fixtures.py)
 
 PARITY_FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -71,9 +65,9 @@ def synth_checkpoint(tmp_path_factory):
     """make(config, seed=0, **write_checkpoint_kw) -> directory of a synth.py checkpoint.
 
     `config` is a name from synth.CONFIGS / a preset name or a ModelConfig; the weights are
-    synth.spec_weights(config, seed) (spec §8.2 rule). Cached for the session per arguments.
+    synth.spec_weights(config, seed) (docs/model.md, "Synthetic test weights"). Cached for the session per arguments.
     """
-    import synth
+    from rgemma_cli.testing import synth
     made = {}
 
     def make(config="tiny-80", seed=0, **kw):

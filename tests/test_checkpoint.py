@@ -15,7 +15,7 @@ from rgemma_cli.config import ModelConfig
 from rgemma_cli.errors import RgemmaError
 from rgemma_cli.safetensors import bf16_to_f32, f32_to_bf16, write_safetensors
 
-import synth  # scripts/, put on sys.path by conftest.py
+from rgemma_cli.testing import synth
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=96, num_attention_heads=2,

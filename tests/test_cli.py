@@ -183,11 +183,11 @@ def test_usage_doc_is_current():
     import importlib.util
     from pathlib import Path
     root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("gen_usage", root / "scripts/gen_usage.py")
+    spec = importlib.util.spec_from_file_location("gen_usage", root / "scripts/docs/gen_usage.py")
     gen_usage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen_usage)
     assert (root / "docs/usage.md").read_text(encoding="utf-8") == gen_usage.render(), \
-        "docs/usage.md is stale: run `make docs` (python scripts/gen_usage.py)"
+        "docs/usage.md is stale: run `make docs` (python scripts/docs/gen_usage.py)"
 
 
 def test_ctrl_c_during_generate_saves_what_was_shown(tiny_base_dir, tmp_path, monkeypatch):

@@ -3,7 +3,7 @@ behaviour it was trained for. Tests check format and stop behaviour, never what 
 
 tests/fixtures/demo_golden.npz holds float32 logits of transformers' RecurrentGemmaForCausalLM
 (window W + 1 = the official rule) on weights/demo at a few positions of three prompts, made by
-`scripts/train_demo.py golden`. Everything is skipped when weights/demo is absent.
+`scripts/demo/train_demo.py golden`. Everything is skipped when weights/demo is absent.
 """
 
 from __future__ import annotations

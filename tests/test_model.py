@@ -13,7 +13,7 @@ from rgemma_cli.config import ModelConfig
 from rgemma_cli.errors import RgemmaError
 from rgemma_cli.model import Griffin, rope, rope_angles, slot_positions
 
-import synth  # scripts/, put on sys.path by conftest.py
+from rgemma_cli.testing import synth
 
 CFG = ModelConfig(vocab_size=50, hidden_size=24, intermediate_size=48, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8, num_hidden_layers=4, lru_width=16,

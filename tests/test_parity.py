@@ -2,8 +2,8 @@
 
 tests/fixtures/<name>.npz hold the full-sequence float32 logits of transformers'
 RecurrentGemmaForCausalLM (window W+1 = the official rule) and of the official `recurrentgemma`
-torch Griffin, plus the official state after the sequence; scripts/make_fixtures.py made them.
-The weights are not stored: scripts/synth.py regenerates them from the seed, and each test
+torch Griffin, plus the official state after the sequence; scripts/fixtures/make_fixtures.py made them.
+The weights are not stored: rgemma_cli.testing.synth regenerates them from the seed, and each test
 writes them as a real HF checkpoint (f32 / bf16, single file / sharded + old-dialect config +
 lm_head.weight) and loads it with `rgemma_cli.load`, so the loader is part of what is compared.
 
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import synth  # scripts/, put on sys.path by conftest.py
+from rgemma_cli.testing import synth
 from conftest import PARITY_FIXTURES
 
 ATOL = 1e-5

@@ -45,6 +45,16 @@ def tiny64(tmp_path_factory):
     return d
 
 
+def test_quantizing_over_an_earlier_checkpoint_leaves_none_of_its_files(tiny64, tmp_path):
+    # a stale model.safetensors.index.json would be read instead of the new model.safetensors
+    out = tmp_path / "q"
+    Q.quantize_checkpoint(tiny64, out, 8, shard_bytes=20_000)
+    assert (out / "model.safetensors.index.json").exists()
+    Q.quantize_checkpoint(tiny64, out, 4)
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    assert _tensors(out)["model.layers.0.mlp_block.down_proj.weight"].dtype == np.uint8
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_checkpoint_round_trip(tiny64, tmp_path, bits):
     out = Q.quantize_checkpoint(tiny64, tmp_path / f"q{bits}", bits, shard_bytes=20_000)

@@ -26,9 +26,9 @@ if importlib.util.find_spec("recurrentgemma") is None:
 for _mod in ("jaxtyping", "einops"):
     pytest.importorskip(_mod, exc_type=ImportError)
 
-import make_fixtures as mf  # noqa: E402  (scripts/, on sys.path via conftest.py)
-import synth  # noqa: E402
 from rgemma_cli.config import ATTENTION, RECURRENT, ModelConfig  # noqa: E402
+from rgemma_cli.testing import synth  # noqa: E402
+from rgemma_cli.testing.references import run_references  # noqa: E402
 
 ATOL = 1e-5
 BASE_SEED = int(os.environ.get("RGEMMA_LIVE_SEED", time.time_ns() % 1_000_000))
@@ -87,7 +87,7 @@ def test_live_random_config(k, tmp_path):
              f"T={len(tokens)} {dtype} chunks={chunks}]")
     w = synth.spec_weights(cfg, wseed)
     w_vals = synth.bf16_round(w) if dtype == "bf16" else w
-    ref = mf.run_references(cfg, w_vals, tokens, workdir=tmp_path / "ref", dtype=dtype)
+    ref = run_references(cfg, w_vals, tokens, workdir=tmp_path / "ref", dtype=dtype)
 
     # rgemma loads a checkpoint written independently of the reference run (sharded, old
     # dialect, lm_head for half the draws)

@@ -17,7 +17,7 @@ registries):
     apt-get install -y r-cran-janeaustenr sword-text-web libsword-utils dict-wn
     python3 -m venv /tmp/demo_build_venv
     /tmp/demo_build_venv/bin/pip install chitchat-dataset chatterbot-corpus pyyaml
-    /tmp/demo_build_venv/bin/python scripts/build_corpus.py --out /tmp/rgemma_demo/corpus
+    /tmp/demo_build_venv/bin/python scripts/demo/build_corpus.py --out /tmp/rgemma_demo/corpus
 
 Austen is read with ``Rscript`` (R comes with r-cran-janeaustenr; its data is an R lazy-load
 database, not a plain .rda). The Bible is dumped with ``mod2imp`` (libsword-utils) and its OSIS

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "docs" / "usage.md"
 COMMANDS = [[], ["generate"], ["chat"], ["serve"], ["download"], ["info"], ["quantize"], ["state"]]
 
@@ -27,7 +27,7 @@ def render() -> str:
     """The whole of docs/usage.md."""
     from rgemma_cli.chat import HELP
     parts = ["# rgemma usage\n",
-             "Generated from `--help` by `scripts/gen_usage.py` (`make docs`); do not edit by hand.\n"]
+             "Generated from `--help` by `scripts/docs/gen_usage.py` (`make docs`); do not edit by hand.\n"]
     for args in COMMANDS:
         parts += [f"## `rgemma{''.join(' ' + a for a in args)}`\n", "```", help_text(args) + "```\n"]
         if args == ["chat"]:
@@ -36,6 +36,5 @@ def render() -> str:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     OUT.write_text(render(), encoding="utf-8")
     print(f"wrote {OUT}")

@@ -2,14 +2,14 @@
 """Train the tiny demo Griffin shipped in weights/demo (tokenizer, training, export, checks).
 
 Build-time tool: needs the ``reference`` extra (torch, transformers, safetensors) and the corpus
-made by scripts/build_corpus.py. rgemma itself never imports it.
+made by scripts/demo/build_corpus.py. rgemma itself never imports it.
 
-    .venv/bin/python scripts/train_demo.py tokenizer --corpus /tmp/rgemma_demo/corpus
-    .venv/bin/python scripts/train_demo.py bench     --corpus /tmp/rgemma_demo/corpus
-    .venv/bin/python scripts/train_demo.py train     --corpus /tmp/rgemma_demo/corpus --steps N
-    .venv/bin/python scripts/train_demo.py check     # samples with transformers
-    .venv/bin/python scripts/train_demo.py golden    # tests/fixtures/demo_golden.npz
-    .venv/bin/python scripts/train_demo.py parity    # rgemma vs transformers on weights/demo
+    .venv/bin/python scripts/demo/train_demo.py tokenizer --corpus /tmp/rgemma_demo/corpus
+    .venv/bin/python scripts/demo/train_demo.py bench     --corpus /tmp/rgemma_demo/corpus
+    .venv/bin/python scripts/demo/train_demo.py train     --corpus /tmp/rgemma_demo/corpus --steps N
+    .venv/bin/python scripts/demo/train_demo.py check     # samples with transformers
+    .venv/bin/python scripts/demo/train_demo.py golden    # tests/fixtures/demo_golden.npz
+    .venv/bin/python scripts/demo/train_demo.py parity    # rgemma vs transformers on weights/demo
 
 Window convention: rgemma follows the official Griffin rule (a query sees itself and the W
 previous positions); transformers keeps one fewer. So we TRAIN transformers with
@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT_DIR = os.path.join(ROOT, "weights", "demo")
 
 PAD, EOS, BOS, UNK = 0, 1, 2, 3
@@ -541,7 +541,6 @@ def run_parity(args) -> None:
     setup_torch(args.threads, args.seed)
     import sentencepiece as spm
 
-    sys.path.insert(0, ROOT)
     from rgemma_cli import load
 
     sp = spm.SentencePieceProcessor(model_file=os.path.join(args.out, "tokenizer.model"))

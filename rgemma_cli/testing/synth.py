@@ -1,11 +1,11 @@
 """Random RecurrentGemma checkpoints in the real Hugging Face layout, for tests and benchmarks.
 
-NumPy only (plus `rgemma_cli` for the config class and the safetensors writer). Importable from
-tests (`sys.path.insert(0, "scripts"); import synth`) and runnable as a script:
+NumPy only (plus `rgemma_cli` for the config class and the checkpoint writer). Imported by the
+tests, the bench and the fixture script (`from rgemma_cli.testing import synth`), and runnable:
 
-    python scripts/synth.py OUT --config tiny-80                  # spec §8 weights, f32
-    python scripts/synth.py OUT --config tiny-80 --dtype bf16 --shards 3 --dialect old --lm-head
-    python scripts/synth.py OUT --preset 2b --dtype bf16          # 2B-shaped random, ~5.4 GB
+    python -m rgemma_cli.testing.synth OUT --config tiny-80        # spec §8 weights, f32
+    python -m rgemma_cli.testing.synth OUT --config tiny-80 --dtype bf16 --shards 3 --dialect old --lm-head
+    python -m rgemma_cli.testing.synth OUT --preset 2b --dtype bf16  # 2B-shaped random, ~5.4 GB
 
 `spec_weights(cfg, seed)` follows spec §8.2 exactly (names, sorted order, rng draws, scales), so
 `spec_weights(CONFIGS["tiny-80"], 0)` *is* the spec's test-vector checkpoint; the same rule
@@ -20,22 +20,16 @@ import argparse
 import functools
 import json
 import math
-import os
 import statistics
-import struct
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-from rgemma_cli.checkpoint import expected_shapes
-from rgemma_cli.config import ATTENTION, PRESETS, RECURRENT, ModelConfig  # noqa: E402
-from rgemma_cli.safetensors import f32_to_bf16, write_safetensors  # noqa: E402
+from ..checkpoint import CheckpointWriter, expected_shapes
+from ..config import ATTENTION, PRESETS, RECURRENT, ModelConfig
+from ..safetensors import Streamed, f32_to_bf16
 
 R_, A_ = RECURRENT, ATTENTION
 
@@ -178,22 +172,16 @@ def _plan_shards(sizes: dict[str, int], shards: int) -> list[list[str]]:
     return groups
 
 
-def _shard_name(k: int, n: int) -> str:
-    return f"model-{k:05d}-of-{n:05d}.safetensors"
-
-
-def _finish(out_dir: Path, cfg, dialect, dtype, groups, sizes, total_params) -> None:
-    if len(groups) > 1:
-        index = {"metadata": {"total_size": sum(sizes.values()), "total_parameters": total_params},
-                 "weight_map": {n: _shard_name(k + 1, len(groups))
-                                for k, g in enumerate(groups) for n in sorted(g)}}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+def _write(out_dir: Path, cfg, dialect, dtype, tensors: dict, groups, total_params) -> None:
+    """The tensors (arrays or Streamed) in `groups` of names, one shard each, and config.json."""
+    writer = CheckpointWriter(out_dir, shard_bytes=None)
+    st = _ST_DTYPE[dtype][0]
+    for group in groups:
+        for n in sorted(group):
+            writer.add(n, tensors[n], st)
+        writer.end_shard()
+    writer.close({"total_parameters": total_params})
     (out_dir / "config.json").write_text(json.dumps(config_json(cfg, dialect, dtype), indent=2) + "\n")
-
-
-def _clean(out_dir: Path) -> None:
-    for p in out_dir.glob("model*.safetensors*"):
-        p.unlink()
 
 
 def write_checkpoint(out_dir, cfg: ModelConfig, weights: dict[str, np.ndarray], *,
@@ -205,9 +193,6 @@ def write_checkpoint(out_dir, cfg: ModelConfig, weights: dict[str, np.ndarray], 
     `lm_head=True` adds `lm_head.weight`, a copy of the embedding, as the released repos have.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clean(out_dir)
-    st, _ = _ST_DTYPE[dtype]
     tensors = dict(weights)
     if lm_head:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
@@ -216,18 +201,9 @@ def write_checkpoint(out_dir, cfg: ModelConfig, weights: dict[str, np.ndarray], 
         tensors = {n: f32_to_bf16(w).reshape(w.shape) for n, w in tensors.items()}
     else:
         tensors = {n: np.ascontiguousarray(w, dtype=np.float32) for n, w in tensors.items()}
-    sizes = {n: t.nbytes for n, t in tensors.items()}
-    groups = _plan_shards(sizes, shards)
-    meta = {"format": "pt"}
-    if len(groups) == 1:
-        write_safetensors(out_dir / "model.safetensors", tensors, metadata=meta,
-                          dtypes={n: st for n in tensors})
-    else:
-        for k, g in enumerate(groups):
-            write_safetensors(out_dir / _shard_name(k + 1, len(groups)), {n: tensors[n] for n in g},
-                              metadata=meta, dtypes={n: st for n in g})
+    groups = _plan_shards({n: t.nbytes for n, t in tensors.items()}, shards)
     total_params = sum(int(np.prod(t.shape)) for n, t in tensors.items() if n != "lm_head.weight")
-    _finish(out_dir, cfg, dialect, dtype, groups, sizes, total_params)
+    _write(out_dir, cfg, dialect, dtype, tensors, groups, total_params)
     return out_dir
 
 
@@ -276,9 +252,7 @@ def write_random_checkpoint(out_dir, cfg: ModelConfig, *, dtype: str = "bf16", s
     Default shards: ~2 GB each. lm_head.weight, if asked for, is an exact copy of the embedding.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clean(out_dir)
-    st, item = _ST_DTYPE[dtype]
+    item = _ST_DTYPE[dtype][1]
     shapes = dict(weight_shapes(cfg))
     if lm_head:
         shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
@@ -291,38 +265,26 @@ def write_random_checkpoint(out_dir, cfg: ModelConfig, *, dtype: str = "bf16", s
     key = {n: i for i, n in enumerate(sorted(weight_shapes(cfg)))}
     key["lm_head.weight"] = key["model.embed_tokens.weight"]
     done, total, t0 = 0, sum(sizes.values()), time.time()
-    for k, g in enumerate(groups):
-        path = out_dir / (_shard_name(k + 1, len(groups)) if len(groups) > 1 else "model.safetensors")
-        header, off = {}, 0
-        for n in sorted(g):
-            header[n] = {"dtype": st, "shape": list(shapes[n]), "data_offsets": [off, off + sizes[n]]}
-            off += sizes[n]
-        header["__metadata__"] = {"format": "pt"}
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for n in sorted(g):
-                shape = shapes[n]
-                gen_name = "model.embed_tokens.weight" if n == "lm_head.weight" else n
-                rng = np.random.default_rng([seed, key[n]])
-                row_f32 = 4 * int(np.prod(shape[1:]))
-                step = max(1, chunk_bytes // row_f32)
-                for r0 in range(0, shape[0], step):
-                    x = _random_rows(rng, gen_name, shape, min(step, shape[0] - r0), dtype)
-                    f.write(x.tobytes())
-                    done += x.size * item
-                    if progress:
-                        el = time.time() - t0
-                        print(f"\r{done / 1e9:6.2f} / {total / 1e9:.2f} GB  {el:5.0f} s",
-                              end="", file=sys.stderr, flush=True)
-        os.replace(tmp, path)
+
+    def rows(n):
+        nonlocal done
+        shape = shapes[n]
+        gen_name = "model.embed_tokens.weight" if n == "lm_head.weight" else n
+        rng = np.random.default_rng([seed, key[n]])
+        step = max(1, chunk_bytes // (4 * int(np.prod(shape[1:]))))
+        for r0 in range(0, shape[0], step):
+            x = _random_rows(rng, gen_name, shape, min(step, shape[0] - r0), dtype)
+            yield x
+            done += x.size * item
+            if progress:
+                print(f"\r{done / 1e9:6.2f} / {total / 1e9:.2f} GB  {time.time() - t0:5.0f} s",
+                      end="", file=sys.stderr, flush=True)
+
+    tensors = {n: Streamed(_ST_DTYPE[dtype][0], shapes[n], rows(n)) for n in shapes}
+    params = sum(int(np.prod(s)) for n, s in shapes.items() if n != "lm_head.weight")
+    _write(out_dir, cfg, dialect, dtype, tensors, groups, params)
     if progress:
         print(file=sys.stderr)
-    params = sum(int(np.prod(s)) for n, s in shapes.items() if n != "lm_head.weight")
-    _finish(out_dir, cfg, dialect, dtype, groups, sizes, params)
     return out_dir
 
 
