@@ -37,6 +37,7 @@ bench: install-reference
 
 docs:
 	$(BIN)/python scripts/docs/gen_usage.py
+	$(BIN)/python scripts/docs/gen_api.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

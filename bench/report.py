@@ -151,7 +151,7 @@ def write_report(R, doc: Path, png: Path, cpus: dict | None = None):
     w("The machine is shared. Every figure is given as best and median of interleaved samples, "
       "with the process CPU time / wall time over those samples: about 2.0 means both cores were "
       "ours, about 1.0 or less means another process held a core and the 2-thread kernels waited "
-      "for it (perf-notes item 9). Ratios compare measurements taken side by side in this run.\n")
+      "for it (docs/kernels.md#one-thread-pool-at-a-time). Ratios compare measurements taken side by side in this run.\n")
     quiet = []
     for k in ("kernels", "decode", "versus", "prefill_versus", "transformers", "perplexity", "9b"):
         if isinstance(R.get(k), dict) and "busy_cores_before" in R[k]:

@@ -492,7 +492,8 @@ def w_elementwise(args) -> dict:
     chunk and for one decoded row (2B width): NumPy ufuncs against one Numba loop, and the scan
     as a NumPy loop over time against the Numba kernel. Best of `reps`, milliseconds."""
     from rgemma_cli.kernels.sequence import rg_lru_scan
-    from rgemma_cli.model import sigmoid, softplus
+    from rgemma_cli.model import sigmoid
+    from rgemma_cli.weights import softplus
 
     R, reps = 2560, args.get("reps", 7)
     rng = np.random.default_rng(0)

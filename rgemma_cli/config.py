@@ -2,7 +2,7 @@
 
 Field names follow Hugging Face `config.json` so a config loads by filtering keys; both the
 dialect of the released repos (`_block_types`, top-level rope keys) and the one transformers 5.x
-writes (`block_types`, `rope_parameters`) are accepted (spec §1.3).
+writes (`block_types`, `rope_parameters`) are accepted (docs/model.md#configuration).
 """
 
 from __future__ import annotations

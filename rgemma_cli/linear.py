@@ -10,8 +10,8 @@
   function into a reused f32 buffer, then OpenBLAS sgemm multiplies the block on both cores.
 
 Numba's and OpenBLAS's thread pools must not run at the same time: the idle workers of one
-spin on the cores the other needs (docs/kernels.md, "One thread pool at a time"; a small attention gemm before a
-matvec made it ~5x slower here). So decode switches OpenBLAS to one thread (the model's other
+spin on the cores the other needs (a small attention gemm before a matvec made it ~5x slower
+here; docs/kernels.md#one-thread-pool-at-a-time). So decode switches OpenBLAS to one thread (the model's other
 small BLAS calls then run on the caller's thread) and prefill gives it all cores back.
 """
 

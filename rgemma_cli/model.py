@@ -1,8 +1,12 @@
 """The Griffin forward pass (RecurrentGemma), float32 compute over stored-format weights.
 
-Reads top to bottom beside the paper and `griffin-spec.md`: embedding -> residual blocks
-(RG-LRU recurrent block or local multi-query attention, then a gated MLP) -> final norm ->
-tied output head -> soft cap. The model is a pure function `(tokens, state) -> (logits, state)`.
+Reads top to bottom beside the paper and docs/model.md: embedding -> residual blocks (RG-LRU
+recurrent block or local multi-query attention, then a gated MLP) -> final norm -> tied output
+head -> soft cap. The model is a pure function `(tokens, state) -> (logits, state)`.
+
+Shapes: T tokens in a chunk, D = hidden_size, R = lru_width, H query heads and KVH key/value
+heads of hd dims, W = attention_window_size, V = vocab_size. Activations are float32; the weights
+(`weights.GriffinWeights`) stay in their stored formats.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ATTENTION, ModelConfig
+from .config import ATTENTION, RECURRENT, ModelConfig
 from .errors import RgemmaError
 from .kernels.sequence import local_attention_kernel, rg_lru_scan
 from .linear import block_diagonal, embed, linear
 from .state import AttentionState, RecurrentState, State
+from .weights import (RGLRU, AttentionBlock, Conv1D, GriffinWeights, MLPBlock, RecurrentBlock,
+                      ResidualBlock, sanitize)
 
 # Long inputs are processed in pieces so activations stay small; results do not depend on it.
 CHUNK = 1024
@@ -43,11 +49,6 @@ def sigmoid(z):
         return 1.0 / (1.0 + np.exp(-z))
 
 
-def softplus(z):
-    """log(1 + e^z), without overflow."""
-    return np.logaddexp(np.float32(0.0), z)
-
-
 @functools.cache
 def _inv_freq(rotary_dims, theta):
     # theta^(-2i/r) in float32, as both references compute it; cached, so read-only
@@ -58,16 +59,16 @@ def _inv_freq(rotary_dims, theta):
 
 
 def rope_angles(pos, rotary_dims, theta):
-    """cos and sin of the RoPE angles at positions pos (T,), each (T, 1, rotary_dims/2), in
-    float32 as both references compute them. Once per chunk: every attention layer rotates its
-    queries and keys by the same angles."""
+    """cos and sin of the RoPE angles at positions pos (T,) int64, each (T, 1, rotary_dims/2)
+    float32, computed as both references do. Once per chunk (`Chunk`): every attention layer
+    rotates its queries and keys by the same angles."""
     angle = pos.astype(np.float32)[:, None] * _inv_freq(rotary_dims, theta)[None, :]  # (T, half)
     return np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
 
 
 def rope(x, angles):
-    """Rotate the first rotary_dims dims of each head of x (T, heads, hd), pairing i with
-    i + rotary_dims/2, by `angles` = rope_angles(...)."""
+    """Rotate the first rotary_dims dims of each head of x (T, heads, hd) float32, pairing i with
+    i + rotary_dims/2, by `angles` = rope_angles(...); the other dims pass through."""
     cos, sin = angles
     half = cos.shape[-1]
     if half == 0:
@@ -76,34 +77,67 @@ def rope(x, angles):
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., 2 * half:]], axis=-1)
 
 
+def slot_positions(n, window):
+    """Position held by each of the `window` ring slots after n tokens, (window,) int64, -1 where
+    the slot is still empty (slot = position mod window)."""
+    slots = np.arange(window)
+    held = slots + ((n - 1 - slots) // window) * window
+    return np.where(held >= 0, held, -1)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Where a chunk of T tokens sits in the sequence; computed once, read by every layer.
+
+    pos (T,) int64: the tokens' positions, state.pos ... state.pos + T - 1.
+    angles: cos, sin (T, 1, rotary_dims/2) float32 of the RoPE angles at pos (`rope_angles`).
+    slots (W,) int64: the position each key/value ring slot holds before the chunk, -1 if empty.
+    """
+
+    pos: np.ndarray
+    angles: tuple[np.ndarray, np.ndarray]
+    slots: np.ndarray
+
+    @classmethod
+    def at(cls, start: int, n: int, cfg: ModelConfig) -> "Chunk":
+        """The chunk of n tokens after the first `start` of the sequence."""
+        pos = start + np.arange(n, dtype=np.int64)
+        return cls(pos, rope_angles(pos, cfg.rotary_dims, cfg.rope_theta),
+                   slot_positions(start, cfg.attention_window_size))
+
+
 # -- blocks ------------------------------------------------------------------------------------
+# The two temporal blocks share one signature, (x, chunk, w, state, donate) -> (out, new state),
+# so a residual block calls either without knowing which.
 
-def gated_mlp(x, w):
-    """GeGLU: (gelu_tanh(x Wg + bg) * (x Wu + bu)) Wd + bd."""
-    gate = gelu_tanh(linear(x, w["gate_proj.weight"], w["gate_proj.bias"]))
-    up = linear(x, w["up_proj.weight"], w["up_proj.bias"])
-    return linear(gate * up, w["down_proj.weight"], w["down_proj.bias"])
+def gated_mlp(x, w: MLPBlock):
+    """GeGLU: (gelu_tanh(x Wg + bg) * (x Wu + bu)) Wd + bd; x (T, D) -> (T, D) float32."""
+    return w.down_proj(gelu_tanh(w.gate_proj(x)) * w.up_proj(x))
 
 
-def conv1d(u, conv_state, w, b):
+def conv1d(u, conv_state, w: Conv1D):
     """Causal depthwise conv of width K; tap K-1 multiplies the current input.
 
-    u (T, R) new inputs, conv_state (K-1, R) the previous inputs, w (K, R), b (R,).
-    Returns the outputs (T, R) and the new state (the last K-1 inputs).
+    u (T, R) new inputs, conv_state (K-1, R) the previous inputs, w.weight (K, R), w.bias (R,),
+    all float32. Returns the outputs (T, R) and the new state (the last K-1 inputs).
     """
-    K, T = w.shape[0], u.shape[0]
+    K, T = w.weight.shape[0], u.shape[0]
     buf = np.concatenate([conv_state, u], axis=0)  # (K-1+T, R)
-    out = b + w[0] * buf[0:T]
+    out = w.bias + w.weight[0] * buf[0:T]
     for j in range(1, K):
-        out = out + w[j] * buf[j:j + T]
+        out = out + w.weight[j] * buf[j:j + T]
     return out, buf[T:]
 
 
-def rg_lru(c, pos, h0, w):
-    """The Real-Gated Linear Recurrent Unit over a chunk; returns all h (T, R)."""
-    gate_x = sigmoid(block_diagonal(c, w["input_gate_weight"], w["input_gate_bias"]))
-    gate_a = sigmoid(block_diagonal(c, w["recurrent_gate_weight"], w["recurrent_gate_bias"]))
-    log_a = np.float32(-8.0) * gate_a * w["softplus_recurrent_param"]
+def rg_lru(c, pos, h0, w: RGLRU):
+    """The Real-Gated Linear Recurrent Unit over a chunk (docs/model.md#rg-lru).
+
+    c (T, R) float32 inputs at positions pos (T,), h0 (R,) float32 the state before the chunk.
+    Returns every h (T, R) float32; a position 0 starts a new sequence (h forgotten).
+    """
+    gate_x = sigmoid(block_diagonal(c, w.input_gate_weight, w.input_gate_bias))
+    gate_a = sigmoid(block_diagonal(c, w.recurrent_gate_weight, w.recurrent_gate_bias))
+    log_a = np.float32(-8.0) * gate_a * w.softplus_recurrent_param
     a = np.exp(log_a)
     multiplier = np.sqrt(1.0 - np.exp(2.0 * log_a))  # as written in both references
     reset = pos == 0  # a new sequence: forget h and do not scale the input
@@ -112,80 +146,73 @@ def rg_lru(c, pos, h0, w):
     return rg_lru_scan(a.astype(np.float32), (c * gate_x * multiplier).astype(np.float32), h0)
 
 
-def recurrent_block(x, pos, w, s: RecurrentState):
-    """Griffin's recurrent block: gelu(x Wy) * rg_lru(conv1d(x Wx)), then Wout."""
-    y = gelu_tanh(linear(x, w["linear_y.weight"], w["linear_y.bias"]))
-    u = linear(x, w["linear_x.weight"], w["linear_x.bias"])
-    c, conv = conv1d(u, s.conv, w["conv_1d.weight"], w["conv_1d.bias"])
-    h = rg_lru(c, pos, s.h, w)
-    out = linear(h * y, w["linear_out.weight"], w["linear_out.bias"])
+def recurrent_block(x, chunk: Chunk, w: RecurrentBlock, s: RecurrentState, donate: bool = False):
+    """Griffin's recurrent block: gelu(x Wy) * rg_lru(conv1d(x Wx)), then Wout.
+
+    x (T, D) float32 (normed) -> (out (T, D) float32, the layer's new RecurrentState). The state
+    is small and always new (`donate` is for the attention block's rings)."""
+    y = gelu_tanh(w.linear_y(x))
+    c, conv = conv1d(w.linear_x(x), s.conv, w.conv_1d)
+    h = rg_lru(c, chunk.pos, s.h, w.rg_lru)
+    out = w.linear_out(h * y)
     return out, RecurrentState(h[-1].copy(), np.ascontiguousarray(conv, dtype=np.float32))
 
 
-def slot_positions(n, window):
-    """Position held by each ring slot after n tokens (-1 where the slot is still empty)."""
-    slots = np.arange(window)
-    held = slots + ((n - 1 - slots) // window) * window
-    return np.where(held >= 0, held, -1)
+def local_attention(x, chunk: Chunk, w: AttentionBlock, s: AttentionState, donate: bool = False):
+    """Sliding-window multi-query attention: a query at p sees keys at p-W..p (the official
+    rule, docs/model.md#local-attention).
 
+    x (T, D) float32 (normed) -> (out (T, D) float32, the layer's new AttentionState). The head
+    counts and window come from the shapes: s.k, s.v (W, KVH, hd), q_proj (H*hd, D). The new keys
+    and values go into a copy of the ring, or into `s`'s own ring if `donate`."""
+    T = x.shape[0]
+    W, kvh, hd = s.k.shape
+    H = w.q_proj.weight.shape[0] // hd
+    q = rope(w.q_proj(x).reshape(T, H, hd), chunk.angles)
+    k = rope(w.k_proj(x).reshape(T, kvh, hd), chunk.angles)
+    v = w.v_proj(x).reshape(T, kvh, hd)
 
-def local_attention(x, pos, angles, slots, w, s: AttentionState, cfg: ModelConfig,
-                    donate: bool = False):
-    """Sliding-window multi-query attention: a query at p sees keys at p-W..p (official rule).
-
-    `angles` and `slots` (rope_angles, slot_positions) are the chunk's, shared by all layers.
-    The new keys and values go into a copy of the ring, or into `s`'s own ring if `donate`."""
-    T, H, hd, W = x.shape[0], cfg.num_attention_heads, cfg.head_dim, cfg.attention_window_size
-    kvh = cfg.num_key_value_heads
-    q = rope(linear(x, w["q_proj.weight"]).reshape(T, H, hd), angles)
-    k = rope(linear(x, w["k_proj.weight"]).reshape(T, kvh, hd), angles)
-    v = linear(x, w["v_proj.weight"]).reshape(T, kvh, hd)
-
-    out = local_attention_kernel(np.ascontiguousarray(q, dtype=np.float32), pos, s.k, s.v,
-                                 slots, np.ascontiguousarray(k),
+    out = local_attention_kernel(np.ascontiguousarray(q, dtype=np.float32), chunk.pos, s.k, s.v,
+                                 chunk.slots, np.ascontiguousarray(k),
                                  np.ascontiguousarray(v), W, 1.0 / math.sqrt(hd))
-    out = linear(out.reshape(T, H * hd), w["o_proj.weight"], w["o_proj.bias"])
+    out = w.o_proj(out.reshape(T, H * hd))
 
     new_k, new_v = (s.k, s.v) if donate else (s.k.copy(), s.v.copy())
     last = slice(max(0, T - W), T)  # only the last W keys of a long chunk survive
-    new_k[pos[last] % W] = k[last]
-    new_v[pos[last] % W] = v[last]
+    new_k[chunk.pos[last] % W] = k[last]
+    new_v[chunk.pos[last] % W] = v[last]
     return out, AttentionState(new_k, new_v)
+
+
+TEMPORAL = {RECURRENT: recurrent_block, ATTENTION: local_attention}
+
+
+def residual_block(x, chunk: Chunk, w: ResidualBlock, s, eps: float, donate: bool = False):
+    """One layer: r = x + temporal(rms_norm(x)), then r + gated_mlp(rms_norm(r)).
+
+    x (T, D) float32 -> (x' (T, D) float32, the layer's new state)."""
+    out, s = TEMPORAL[w.kind](rms_norm(x, w.temporal_pre_norm, eps), chunk, w.temporal_block, s,
+                              donate)
+    r = x + out
+    return r + gated_mlp(rms_norm(r, w.channel_pre_norm, eps), w.mlp_block), s
 
 
 # -- the model ---------------------------------------------------------------------------------
 
 @dataclass
 class Griffin:
-    """A RecurrentGemma model: config, weights (HF names, stored formats) and its identity."""
+    """A RecurrentGemma model: config, weights and its identity.
+
+    `weights` maps the checkpoint's HF names to arrays as loaded (small ones float32, matrices
+    in their stored format); `params` (built from them at construction, `weights.sanitize`) is
+    what the forward pass reads."""
 
     config: ModelConfig
     weights: dict  # HF tensor names -> arrays (small ones float32, matrices as stored)
     fingerprint: str = ""  # digest of the config and checkpoint headers; identifies the model
 
     def __post_init__(self):
-        w = self.weights
-        self.embed_tokens = w["model.embed_tokens.weight"]
-        # the output head: the embedding (tied, as released) or lm_head.weight when untied
-        self.lm_head = w.get("lm_head.weight", self.embed_tokens)
-        self.final_norm = 1.0 + w["model.final_norm.weight"]
-        self.layers = []
-        for i, kind in enumerate(self.config.layer_types):
-            prefix = f"model.layers.{i}."
-            lw = {n[len(prefix):]: a for n, a in w.items() if n.startswith(prefix)}
-            tb = "temporal_block."
-            self.layers.append(dict(
-                kind=kind,
-                temporal_pre_norm=1.0 + lw["temporal_pre_norm.weight"],  # rms_norm scales
-                channel_pre_norm=1.0 + lw["channel_pre_norm.weight"],
-                temporal={n[len(tb):].removeprefix("rg_lru."): a for n, a in lw.items() if n.startswith(tb)},
-                mlp={n[len("mlp_block."):]: a for n, a in lw.items() if n.startswith("mlp_block.")},
-            ))
-            if kind != ATTENTION:
-                t = self.layers[-1]["temporal"]
-                if t["conv_1d.weight"].ndim == 3:  # HF conv weight (R, 1, K) -> taps (K, R)
-                    t["conv_1d.weight"] = np.ascontiguousarray(t["conv_1d.weight"][:, 0, :].T)
-                t["softplus_recurrent_param"] = softplus(t["recurrent_param"])  # once, not per token
+        self.params: GriffinWeights = sanitize(self.config, self.weights)
 
     def initial_state(self) -> State:
         """The state before the first token (position 0, all zeros)."""
@@ -199,7 +226,8 @@ class Griffin:
         logits are float32 (len(token_ids), vocab), or (1, vocab) for the last position only
         when `last_only`. The input state is left untouched, unless `donate`: then the new
         state reuses its key/value rings, written in place (copying them costs ~5% of a 4-bit
-        2B token), and `state` must not be used again.
+        2B token), and `state` must not be used again. Raises RgemmaError for an empty input or
+        a token id outside the vocabulary.
         """
         if state is None:
             state = self.initial_state()
@@ -220,26 +248,18 @@ class Griffin:
         return np.concatenate(logits), state
 
     def _forward_chunk(self, tokens, state, *, last_only, logits, donate):
-        cfg = self.config
-        pos = state.pos + np.arange(tokens.size, dtype=np.int64)
-        angles = rope_angles(pos, cfg.rotary_dims, cfg.rope_theta)
-        slots = slot_positions(state.pos, cfg.attention_window_size)
-        x = embed(self.embed_tokens, tokens) * np.float32(cfg.embed_scale)
+        cfg, p = self.config, self.params
+        chunk = Chunk.at(state.pos, tokens.size, cfg)
+        x = embed(p.embed_tokens, tokens) * np.float32(cfg.embed_scale)
         new_layers = []
-        for layer, s in zip(self.layers, state.layers):
-            xn = rms_norm(x, layer["temporal_pre_norm"], cfg.rms_norm_eps)
-            if layer["kind"] == ATTENTION:
-                o, s = local_attention(xn, pos, angles, slots, layer["temporal"], s, cfg, donate)
-            else:
-                o, s = recurrent_block(xn, pos, layer["temporal"], s)
+        for w, s in zip(p.layers, state.layers):
+            x, s = residual_block(x, chunk, w, s, cfg.rms_norm_eps, donate)
             new_layers.append(s)
-            r = x + o
-            x = r + gated_mlp(rms_norm(r, layer["channel_pre_norm"], cfg.rms_norm_eps), layer["mlp"])
         new_state = State(state.pos + int(tokens.size), tuple(new_layers))
         if not logits:
             return None, new_state
         if last_only:
             x = x[-1:]
-        x = rms_norm(x, self.final_norm, cfg.rms_norm_eps)
+        x = rms_norm(x, p.final_norm, cfg.rms_norm_eps)
         cap = np.float32(cfg.logits_soft_cap)
-        return np.tanh(linear(x, self.lm_head) / cap) * cap, new_state
+        return np.tanh(linear(x, p.lm_head) / cap) * cap, new_state

@@ -2,7 +2,7 @@
 
 Per recurrent layer the RG-LRU hidden state `h` and the last `K-1` conv inputs; per attention
 layer the post-RoPE key/value ring buffers (slot = position mod W); and `pos`, the number of
-tokens processed (= the position of the next token). Spec §3.
+tokens processed (= the position of the next token). docs/model.md#state.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Text <-> token ids: the SentencePiece model, the Gemma chat template and streaming decode.
 
-Spec §6. The turn markers `<start_of_turn>` (106) and `<end_of_turn>` (107) are emitted as ids
-and only the text between them is encoded, so a user typing "<end_of_turn>" cannot forge a turn
-boundary through the template itself; exactly one BOS starts a sequence.
+The turn markers `<start_of_turn>` (106) and `<end_of_turn>` (107) are emitted as ids and only
+the text between them is encoded, so a user typing "<end_of_turn>" cannot forge a turn boundary
+through the template itself; exactly one BOS starts a sequence
+(docs/model.md#tokenizer-and-chat-template).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class Tokenizer:
 
     def chat_prompt(self, user: str, *, system: str | None = None, first: bool = True,
                     close_model_turn: bool = False) -> list[int]:
-        """The ids that add one user turn and open the model's reply (spec §6.2, §6.3).
+        """The ids that add one user turn and open the model's reply (docs/model.md#chat-template,
+        docs/model.md#turns-on-a-kept-state).
 
         `first`: the conversation starts here (BOS, and `system` is folded into this turn, as
         Gemma has no system role). Otherwise the previous reply's `<end_of_turn>` is normally

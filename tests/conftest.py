@@ -65,7 +65,8 @@ def synth_checkpoint(tmp_path_factory):
     """make(config, seed=0, **write_checkpoint_kw) -> directory of a synth.py checkpoint.
 
     `config` is a name from synth.CONFIGS / a preset name or a ModelConfig; the weights are
-    synth.spec_weights(config, seed) (docs/model.md, "Synthetic test weights"). Cached for the session per arguments.
+    synth.spec_weights(config, seed) (docs/model.md#synthetic-test-weights). Cached for the
+    session per arguments.
     """
     from rgemma_cli.testing import synth
     made = {}

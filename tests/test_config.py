@@ -8,7 +8,7 @@ import pytest
 from rgemma_cli.config import PRESETS, ModelConfig, bf16_round
 from rgemma_cli.errors import RgemmaError
 
-# The released 2B-it config.json (spec §1.3), old dialect.
+# The released 2B-it config.json (docs/model.md#configuration), old dialect.
 RELEASED_2B_IT = {
     "_block_types": ["recurrent", "recurrent", "attention"], "architectures": ["RecurrentGemmaForCausalLM"],
     "attention_bias": False, "attention_dropout": 0.0, "attention_window_size": 2048, "bos_token_id": 2,

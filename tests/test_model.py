@@ -91,7 +91,7 @@ def test_state_size_is_fixed(model):
 def test_slot_positions():
     assert slot_positions(0, 4).tolist() == [-1, -1, -1, -1]
     assert slot_positions(3, 4).tolist() == [0, 1, 2, -1]
-    assert slot_positions(20, 8).tolist() == [16, 17, 18, 19, 12, 13, 14, 15]  # spec §8.3
+    assert slot_positions(20, 8).tolist() == [16, 17, 18, 19, 12, 13, 14, 15]  # docs/model.md#test-vector
 
 
 def test_rope_rotates_only_the_first_dims_and_preserves_norm():

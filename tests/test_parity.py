@@ -7,7 +7,7 @@ The weights are not stored: rgemma_cli.testing.synth regenerates them from the s
 writes them as a real HF checkpoint (f32 / bf16, single file / sharded + old-dialect config +
 lm_head.weight) and loads it with `rgemma_cli.load`, so the loader is part of what is compared.
 
-The spec §8 test vector (tests at the bottom) needs no fixture at all.
+The test vector of docs/model.md#test-vector (tests at the bottom) needs no fixture at all.
 """
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ def test_random_chunkings_agree(model_for, data):
     check_logits(np.concatenate(out), fx, what=f"{name} chunks {chunks}")
 
 
-# -- spec §8: the reference test vector (no references needed) ----------------------------------
+# -- docs/model.md#test-vector: the reference test vector (no references needed) ------------------
 
 SPEC_TOKENS = [2, 65, 96, 121, 4, 18, 105, 121, 31, 39, 111, 54, 34, 105, 32, 52, 82, 70, 10, 3]
 SPEC_TABLE = {  # pos: (logits[:4], argmax, max, logsumexp)

@@ -1,4 +1,4 @@
-"""The state as a plain value: shapes, sizes (spec §3.2), copies and equality."""
+"""The state as a plain value: shapes, sizes (docs/model.md#state-sizes), copies and equality."""
 
 import numpy as np
 
@@ -7,7 +7,7 @@ from rgemma_cli.state import AttentionState, RecurrentState, State
 
 
 def test_2b_and_9b_state_sizes_match_the_spec():
-    # spec §3.2 totals include one 4-byte counter per attention layer; State keeps one `pos`
+    # the official totals include one 4-byte counter per attention layer; State keeps one `pos`
     assert State.zeros(PRESETS["2b"]).nbytes == 34_291_744 - 8 * 4
     assert State.zeros(PRESETS["9b"]).nbytes == 52_035_632 - 12 * 4
 

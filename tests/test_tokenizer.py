@@ -42,7 +42,7 @@ def test_raw_prompt_has_exactly_one_bos(tok):
 
 def test_chat_prompt_equals_whole_string_encoding(tok):
     # the markers are user-defined pieces here as in Gemma, so encoding the whole template text
-    # must give the same ids as emitting 106/107 directly (spec §6.1)
+    # must give the same ids as emitting 106/107 directly (docs/model.md#tokenizer-and-chat-template)
     ids = tok.chat_prompt("  What is 2+2?\n", system="Be brief.")
     text = "<start_of_turn>user\nBe brief.\n\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n"
     assert ids == [tok.bos_id] + tok.encode(text)

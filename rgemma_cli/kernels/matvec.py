@@ -2,10 +2,10 @@
 one per weight format, parallel over output rows (prefill widens rows instead: `widen`).
 
 Decoding reads every weight once per token, so these kernels are bound by memory bandwidth.
-What makes them fast (docs/kernels.md): the per-row reduction lives in a small @njit helper called
-on the row view (an inline reduction in a prange body is not vectorised), bf16 and f16 are widened
-to f32 in registers by tiny LLVM intrinsics, and accumulation is f32 with fastmath so LLVM keeps
-several vector accumulators.
+What makes them fast (docs/kernels.md#vectorised-reductions): the per-row reduction lives in a
+small @njit helper called on the row view (an inline reduction in a prange body is not
+vectorised), bf16 and f16 are widened to f32 in registers by tiny LLVM intrinsics, and
+accumulation is f32 with fastmath so LLVM keeps several vector accumulators.
 
 Weight formats (all `(out, in)`, rows contiguous):
   f32            float32

@@ -1,7 +1,8 @@
 """Numba kernels for the two sequential parts of Griffin: the RG-LRU scan and local attention.
 
 Everything else is batched matrix products (see `linear`) and NumPy elementwise ufuncs, which
-are faster than Numba for transcendentals here (the PyPI llvmlite has no SVML; perf-notes §7).
+are faster than Numba for transcendentals here (the PyPI llvmlite has no SVML;
+docs/kernels.md#transcendentals).
 """
 
 from __future__ import annotations

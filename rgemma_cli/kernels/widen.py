@@ -1,8 +1,8 @@
 """Widening stored weight elements to float32: the bf16 / f16 conversions every kernel inlines,
 and the serial row-block widening (and int8 / 4-bit dequantization) that feeds sgemm in prefill.
 
-Serial on purpose: during prefill OpenBLAS owns the cores (docs/kernels.md, "One thread pool at
-a time"). The formats are listed in `matvec`'s docstring.
+Serial on purpose: during prefill OpenBLAS owns the cores
+(docs/kernels.md#one-thread-pool-at-a-time). The formats are listed in `formats`.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ inside the functions: importing this module costs nothing without them. The offi
 without running that `__init__`, so jax/flax are not needed.
 
 transformers is built with attention_window_size = W + 1, which equals the official window rule
-(docs/model.md, "Local attention"); the official Griffin gets the same values under its own
-names (docs/model.md, "Checkpoint layout").
+(docs/model.md#local-attention); the official Griffin gets the same values under its own
+names (docs/model.md#official-names).
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def official_supports(cfg: ModelConfig) -> bool:
 
 
 def official_model(cfg: ModelConfig, weights: dict[str, np.ndarray]):
-    """The official torch Griffin (float32) holding `weights` (HF names, mapped per spec §5.2)."""
+    """The official torch Griffin (float32) holding `weights` (HF names, mapped as docs/model.md#official-names
+    says)."""
     import torch
     rg = import_official()
     kinds = {"recurrent": rg.TemporalBlockType.RECURRENT, "attention": rg.TemporalBlockType.ATTENTION}

@@ -3,15 +3,17 @@
 NumPy only (plus `rgemma_cli` for the config class and the checkpoint writer). Imported by the
 tests, the bench and the fixture script (`from rgemma_cli.testing import synth`), and runnable:
 
-    python -m rgemma_cli.testing.synth OUT --config tiny-80        # spec §8 weights, f32
+    python -m rgemma_cli.testing.synth OUT --config tiny-80        # the test-vector weights, f32
     python -m rgemma_cli.testing.synth OUT --config tiny-80 --dtype bf16 --shards 3 --dialect old --lm-head
     python -m rgemma_cli.testing.synth OUT --preset 2b --dtype bf16  # 2B-shaped random, ~5.4 GB
 
-`spec_weights(cfg, seed)` follows spec §8.2 exactly (names, sorted order, rng draws, scales), so
-`spec_weights(CONFIGS["tiny-80"], 0)` *is* the spec's test-vector checkpoint; the same rule
+`spec_weights(cfg, seed)` follows docs/model.md#synthetic-test-weights exactly (names, sorted
+order, rng draws, scales), so `spec_weights(CONFIGS["tiny-80"], 0)` *is* the checkpoint of
+docs/model.md#test-vector; the same rule
 generalises to any config (multi-KV heads, lru_width != hidden_size, any block pattern).
 Large presets use `write_random_checkpoint`, which streams tensors to disk in row chunks with a
-fast float32 RNG path (never more than about two chunks in RAM); it is not §8.2-exact.
+fast float32 RNG path (never more than about two chunks in RAM); it does not draw the same
+values as `spec_weights`.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def tiny(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-# Named small configs. tiny-80 is spec §8.1. The others are the parity-fixture variants.
+# Named small configs. tiny-80 is the test vector's (docs/model.md#test-vector). The others are
+# the parity-fixture variants.
 CONFIGS: dict[str, ModelConfig] = {
     "tiny-80": tiny(),
     # multi-KV-head attention (grouped queries: 4 query heads share 2 K/V heads). The official
@@ -78,13 +81,15 @@ def get_config(name: str) -> ModelConfig:
 # -- names and shapes ------------------------------------------------------------------------
 
 def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the HF checkpoint (spec §5.1), without lm_head.weight, in sorted order."""
+    """Every tensor of the HF checkpoint (docs/model.md#checkpoint-layout), without
+    lm_head.weight, in sorted order."""
     s = expected_shapes(cfg)
     return {n: s[n] for n in sorted(s)}
 
 
 def _scale(name: str, shape) -> float:
-    """The §8.2 scale applied to a standard normal draw (recurrent_param is uniform instead)."""
+    """The scale (docs/model.md#synthetic-test-weights) applied to a standard normal draw
+    (recurrent_param is uniform instead)."""
     if name.endswith("norm.weight") or name.endswith("bias"):
         return 0.1
     if name.endswith("conv_1d.weight"):
@@ -95,7 +100,8 @@ def _scale(name: str, shape) -> float:
 
 
 def spec_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float32 weights by the exact procedure of spec §8.2 (one rng, sorted names)."""
+    """Random float32 weights by the rule of docs/model.md#synthetic-test-weights
+    (one rng, sorted names)."""
     rng = np.random.default_rng(seed)
     out = {}
     for name, shape in weight_shapes(cfg).items():
@@ -114,7 +120,8 @@ def bf16_round(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def tokens_for(cfg: ModelConfig, n: int, seed: int = 1) -> np.ndarray:
-    """`n` random token ids with BOS (2) first; for tiny-80/seed 1 the first 20 are spec §8.3's."""
+    """`n` random token ids with BOS (2) first; for tiny-80/seed 1 the first 20 are the test
+    vector's (docs/model.md#test-vector)."""
     t = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=n)
     t[0] = cfg.bos_token_id
     return t.astype(np.int64)
@@ -136,7 +143,7 @@ def config_json(cfg: ModelConfig, dialect: str = "new", dtype: str = "f32") -> d
         d["_block_types"] = d.pop("block_types")
         d.pop("tie_word_embeddings", None)
         if cfg.head_dim * cfg.num_attention_heads == cfg.hidden_size:
-            d.pop("head_dim")  # loaders must derive it (spec §1.3)
+            d.pop("head_dim")  # loaders must derive it (docs/model.md#configuration)
         d["torch_dtype"] = torch_dtype
         d["transformers_version"] = "4.40.0.dev0"
         d.update(attention_dropout=0.0, use_cache=True, w_init_variance_scale=0.01,
@@ -232,7 +239,7 @@ def _quantile_table(kind: str, scale: float, dtype: str) -> np.ndarray:
 
 
 def _random_rows(rng, name, shape, rows, dtype):
-    """`rows` leading rows of a tensor with the §8.2 distributions (fast: a table lookup by
+    """`rows` leading rows of a tensor with the distributions of `spec_weights` (fast: a table lookup by
     random 16-bit indices, ~5x faster than drawing normals), in the on-disk dtype."""
     n = rows * int(np.prod(shape[1:]))
     idx = np.frombuffer(rng.bytes(2 * n), dtype=np.uint16)
@@ -248,7 +255,7 @@ def write_random_checkpoint(out_dir, cfg: ModelConfig, *, dtype: str = "bf16", s
                             chunk_bytes: int = 64 << 20, progress: bool = False) -> Path:
     """A random checkpoint of any size, streamed to disk in row chunks (low RAM, fast RNG).
 
-    Values follow the §8.2 distributions (quantised to 65536 levels) but not its exact draws.
+    Values follow the distributions of `spec_weights` (quantised to 65536 levels) but not its exact draws.
     Default shards: ~2 GB each. lm_head.weight, if asked for, is an exact copy of the embedding.
     """
     out_dir = Path(out_dir)
