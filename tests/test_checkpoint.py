@@ -227,7 +227,9 @@ def test_untied_head_is_used_or_refused(tmp_path, weights):
     assert not np.allclose(x, tied)
     # the untied head computes exactly the logits of a tied model whose embedding were that head,
     # for the last hidden state: check through the model's own pieces
-    assert model.lm_head is model.weights["lm_head.weight"]
+    head = model.params.lm_head
+    assert head is not model.params.embed_tokens
+    assert np.shares_memory(head.widen(), model.weights["lm_head.weight"])  # read as loaded
     write_safetensors(d / "model.safetensors", weights)
     assert "tie_word_embeddings: false but the checkpoint has no lm_head.weight" in error_of(d)
 
