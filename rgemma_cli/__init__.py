@@ -6,7 +6,7 @@
     logits, state = model.forward(tokenizer.raw_prompt("Hello"), state)
 
     session = Session(model, tokenizer, SamplerSettings(temperature=0.7, seed=1), mode="chat")
-    for piece in session.generate(session.user_turn("Hi!"), max_tokens=64):
+    for piece in session.send("Hi!", max_tokens=64):    # the reply goes into session.transcript
         print(piece, end="", flush=True)
 """
 
@@ -24,13 +24,17 @@ def load(path_or_repo_id: str):
     """Load a model and its tokenizer from a local directory, "demo", or a Hugging Face repo id.
 
     Returns (model, tokenizer); tokenizer is None when the directory has no tokenizer.model.
+    `model.card` (a `modelcard.ModelCard`) says whether the chat template applies, and why,
+    and which ids end generation.
     """
     from .checkpoint import load_weights, resolve
     from .model import Griffin
+    from .modelcard import read_card
 
     directory = resolve(str(path_or_repo_id))
     config, weights, fingerprint = load_weights(directory)
     model = Griffin(config, weights, fingerprint)
+    model.card = read_card(directory, str(path_or_repo_id))
     tokenizer = None
     if (directory / "tokenizer.model").exists():
         from .tokenizer import Tokenizer

@@ -1,10 +1,11 @@
-"""The terminal chat: streamed replies, slash commands, multi-line input, Ctrl-C that only stops
-the reply, and one in-memory state snapshot per turn so /regen and /undo never re-read the
-conversation."""
+"""The terminal chat: a print loop over `Session.send`, slash commands, multi-line input, line
+editing, Ctrl-C that only stops the reply (or clears the line), and one in-memory state snapshot
+per turn so /regen and /undo never re-read the conversation."""
 
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,13 +14,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import RgemmaError
-from .generation import Context, Session
+from .decode import Context
+from .generation import Session
 from .sampling import SamplerSettings, new_rng_state
 
 HELP = """\
 /help                 this list
 /save [PATH]          save the conversation (default: the --save-state path)
-/load PATH            continue a saved conversation
+/load PATH            continue a saved conversation (options given on the command line win)
 /reset                start over (same model and settings)
 /regen                answer the last message again
 /undo                 forget the last message and its answer
@@ -28,7 +30,8 @@ HELP = """\
 /stats                speed of the last reply, tokens seen, state size
 /exit, /bye, Ctrl-D   leave
 \"\"\"                   start (and end) a multi-line message
-Ctrl-C stops a reply and keeps the conversation; at the prompt it exits."""
+Ctrl-C stops a reply and keeps the conversation; at the prompt it clears the line, and on
+an empty line it exits."""
 
 
 MAX_SNAPSHOTS = 16  # a 2B state is 34 MB: /undo reaches back this many turns
@@ -48,30 +51,42 @@ class ChatUI:
 
     def __init__(self, session: Session, *, model_name: str, max_tokens: int = 1024,
                  system: str | None = None, save_path: Path | None = None,
-                 console: Console | None = None):
+                 console: Console | None = None, overrides: dict | None = None):
         self.session, self.model_name, self.max_tokens = session, model_name, max_tokens
         self.system, self.save_path = system, save_path
+        self.overrides = dict(overrides or {})  # sampling options given on the command line
         self.console = console or Console(highlight=False)
         self.turns: list[Turn] = []
         self.last = None  # the last Generation, for /stats
+        self.readline = None  # the readline module when line editing is on
 
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self) -> None:
         """Until /exit, Ctrl-D or Ctrl-C at the prompt."""
-        try:
-            import readline  # noqa: F401  (line editing and history for input())
-        except ImportError:
-            pass
+        if sys.stdin.isatty() and sys.stdout.isatty():
+            try:
+                import readline  # line editing and history for input()
+                self.readline = readline
+            except ImportError:
+                pass
         self.console.print(f"[bold]rgemma chat[/] · {escape(self.model_name)} · /help for "
                            f"commands, Ctrl-D to exit")
         self.replay()
         while True:
             try:
                 text = self.read_message()
-            except (EOFError, KeyboardInterrupt):
+            except EOFError:
                 self.console.print()
                 return
+            except KeyboardInterrupt as e:
+                self.console.print()
+                if getattr(e, "line", ""):  # a half-typed line: drop it, keep the chat
+                    continue
+                return
+            except UnicodeDecodeError:  # a byte that is not UTF-8: the line is lost, not the chat
+                self.console.print("[red]error:[/] that line was not valid UTF-8; type it again")
+                continue
             if not text.strip():
                 continue
             if text.startswith("/"):
@@ -83,9 +98,33 @@ class ChatUI:
                 continue
             self.turn(text)
 
+    def prompt(self, text: str) -> str:
+        """input() with a prompt readline can measure: colour codes are wrapped in \\001 and
+        \\002 (readline's invisible-text markers), so Ctrl-A, Ctrl-U and long lines redraw
+        right. A Ctrl-C raises KeyboardInterrupt with `.line`, what was typed so far."""
+        if self.readline is None:
+            shown = text
+        else:
+            colour = "\x1b[1;32m" if text.startswith(">") else "\x1b[2m"
+            shown = f"\001{colour}\002{text}\001\x1b[0m\002"
+        typed = []
+
+        def on_sigint(signum, frame):  # runs inside readline, before it drops the line
+            typed.append(self.readline.get_line_buffer() if self.readline else "")
+            raise KeyboardInterrupt
+
+        old = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            return input(shown)
+        except KeyboardInterrupt as e:
+            e.line = typed[0] if typed else ""
+            raise
+        finally:
+            signal.signal(signal.SIGINT, old)
+
     def read_message(self) -> str:
         """One message; `\"\"\"` opens and closes a multi-line one."""
-        line = self.console.input("[bold green]>>> [/]")
+        line = self.prompt(">>> ")
         if not line.lstrip().startswith('"""'):
             return line.strip()
         body = line.lstrip()[3:]
@@ -93,35 +132,37 @@ class ChatUI:
             return body.rstrip()[:-3].strip()
         lines = [body] if body.strip() else []
         while True:
-            line = self.console.input("[dim]... [/]")
+            try:
+                line = self.prompt("... ")
+            except KeyboardInterrupt as e:
+                e.line = "\n".join(lines + [getattr(e, "line", "")]) or '"""'
+                raise
             if line.rstrip().endswith('"""'):
                 lines.append(line.rstrip()[:-3])
                 return "\n".join(lines).strip()
             lines.append(line)
 
     def turn(self, text: str) -> None:
-        """Send one message and stream the reply; Ctrl-C stops the reply, not the chat."""
+        """Send one message and print the reply as it streams (the session records it); Ctrl-C
+        stops the reply, not the chat."""
         s = self.session
         self.turns.append(Turn(s.ctx, len(s.transcript), text))
         del self.turns[:-MAX_SNAPSHOTS]
-        ids = s.user_turn(text, self.system)
-        g = s.generate(ids, self.max_tokens)
+        g = s.send(text, self.max_tokens, system=self.system)
         out = sys.stdout
         try:
             for piece in g:
-                s.transcript[-1]["content"] += piece
                 out.write(piece)
                 out.flush()
             out.write("\n")
         except KeyboardInterrupt:
             s.interrupt(g)
-            if not g.tokens:  # still reading the message: forget it, as if never sent
-                self.restore(self.turns.pop())
-                out.write("\n")
-                self.console.print("[dim](cancelled)[/]")
-                return
             out.write("\n")
-            self.console.print("[dim](interrupted)[/]")
+            if g.cancelled:  # still reading the message: forgotten, as if never sent
+                self.turns.pop()
+                self.console.print("[dim](cancelled)[/]")
+            else:
+                self.console.print("[dim](interrupted)[/]")
         finally:
             out.flush()
         self.last = g
@@ -131,8 +172,7 @@ class ChatUI:
     def restore(self, t: Turn) -> None:
         """Go back to before turn `t`, keeping the random stream where it is (so /regen samples
         a new answer rather than repeating the last one)."""
-        self.session.ctx = replace(t.ctx, rng=self.session.ctx.rng)
-        del self.session.transcript[t.transcript_len:]
+        self.session.restore(t.ctx, t.transcript_len)
 
     def replay(self) -> None:
         """Show a resumed transcript again."""
@@ -165,7 +205,7 @@ class ChatUI:
                 raise RgemmaError("usage: /load PATH")
             self.load(Path(" ".join(args)))
         elif name == "/reset":
-            s.ctx = Context(s.model.initial_state(), (), (), s.ctx.rng)
+            s.restore(Context(s.model.initial_state(), (), (), s.ctx.rng), 0)
             s.transcript.clear()
             self.turns.clear()
             self.console.print("[dim](new conversation)[/]")
@@ -180,6 +220,8 @@ class ChatUI:
                 self.turn(t.text)
             else:
                 self.console.print(f"[dim](forgot: {escape(t.text[:60])})[/]")
+                if self.save_path:  # so an undone message does not come back on resume
+                    self.save(self.save_path, quiet=True)
         elif name == "/set":
             self.set(args)
         elif name == "/stats":
@@ -236,12 +278,15 @@ class ChatUI:
             self.console.print(f"[dim](saved {escape(str(path))}, {size / 1e6:.2f} MB)[/]")
 
     def load(self, path: Path) -> None:
-        """/load: switch to a saved conversation of the same model and show it."""
+        """/load: switch to a saved conversation of the same model and show it. As with
+        --resume, sampling options given on the command line win over the file's."""
         from . import statefile
         saved = statefile.load(path)
         statefile.check_model(saved, self.session.model, self.session.tokenizer, path)
+        special = self.session.special
         self.session = statefile.restore(saved, self.session.model, self.session.tokenizer)
-        self.session.mode = "chat"
+        self.session.settings = self.session.settings.replace(**self.overrides)
+        self.session.mode, self.session.special = "chat", special
         self.turns.clear()
         self.console.print(f"[dim](loaded {escape(str(path))})[/]")
         self.replay()

@@ -10,13 +10,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import resource
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import numpy as np
 import typer
 
 from .errors import RgemmaError
@@ -31,9 +29,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 # -- options shared by `generate` and `chat` ----------------------------------------------------
 
-Model = Annotated[str, typer.Option(
+Model = Annotated[Optional[str], typer.Option(
     "-m", "--model", envvar="RGEMMA_MODEL", show_envvar=True, metavar="MODEL",
-    help="Local model directory, Hugging Face repo id, or 'demo'.")]
+    help=f"Local model directory, Hugging Face repo id, or 'demo'. [default: with --resume, the "
+    f"model the state file names if it is found locally; else {DEFAULT_MODEL}]",
+    show_default=False)]
 Temperature = Annotated[Optional[float], typer.Option(
     "-t", "--temperature", metavar="T", help=f"0 = greedy (argmax). [default: {_D.temperature}]",
     show_default=False)]
@@ -65,6 +65,10 @@ SaveState = Annotated[Optional[Path], typer.Option(
 Resume = Annotated[Optional[Path], typer.Option(
     "--resume", metavar="PATH", help="Continue from a saved state file.", show_default=False)]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No stats or progress on stderr.")]
+Special = Annotated[bool, typer.Option(
+    "--special", help="Let text spell control tokens (<start_of_turn>, <eos>, ...) and print the "
+    "control tokens the model generates; by default typed text never becomes one and none is "
+    "printed.")]
 
 
 def _sampler_overrides(max_tokens: int, **flags) -> dict:
@@ -99,11 +103,6 @@ def _error(msg: str) -> None:
 
 # -- helpers ------------------------------------------------------------------------------------
 
-def _is_chat_model(name: str) -> bool:
-    """-it (instruction-tuned) models and the demo get the chat template by default."""
-    return name == "demo" or re.search(r"[-_]it(?=$|[-_/])", name.rstrip("/").lower()) is not None
-
-
 def load_model(name: str, quiet: bool = False):
     """(model, tokenizer) for a model argument; a tokenizer is required to work with text."""
     from . import load
@@ -121,23 +120,60 @@ def load_model(name: str, quiet: bool = False):
     return model, tok
 
 
-def start_session(model_name: str, resume: Path | None, chat: bool | None, overrides: dict,
-                  quiet: bool = False):
-    """A Session: restored from `resume` (flags given override its settings) or a fresh one."""
+def model_of_state(saved, path: Path, quiet: bool = False) -> str:
+    """The model a state file names, when it can be found locally (a directory, "demo", or a
+    repo id in the Hugging Face cache); said on stderr. Else an RgemmaError asking for -m."""
+    from .checkpoint import DEMO_DIR
+    name = str(saved.model.get("name") or "")
+    found = None
+    if name == "demo" or (name and Path(name).expanduser().is_dir()):
+        found = name
+    elif name and not name.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+            from .checkpoint import NEEDED_FILES
+            snapshot_download(name, allow_patterns=NEEDED_FILES, local_files_only=True)
+            found = name
+        except Exception:  # not a repo id, or not in the cache: never a download here
+            found = None
+    if found is None:
+        raise RgemmaError(f"{path} was saved with model {name or '(unnamed)'}, which is not found "
+                          f"locally; pass -m MODEL")
+    if not quiet:
+        shown = "demo" if Path(found).expanduser().resolve() == DEMO_DIR.resolve() else found
+        print(f"using model {shown} (named by {path})", file=sys.stderr)
+    return found
+
+
+def start_session(model_name: str | None, resume: Path | None, chat: bool | None, overrides: dict,
+                  quiet: bool = False, special: bool = False):
+    """(Session, model name): restored from `resume` (flags given override its settings and
+    mode) or a fresh one, in chat mode if the model is a chat model (`model.card`)."""
     from . import statefile
     from .generation import Session
 
     saved = statefile.load(resume) if resume else None  # fail on a bad file before loading weights
+    if model_name is None:
+        model_name = model_of_state(saved, resume, quiet) if saved else DEFAULT_MODEL
     model, tok = load_model(model_name, quiet)
     if saved is None:
-        mode = "chat" if (chat if chat is not None else _is_chat_model(model_name)) else "raw"
-        return Session(model, tok, SamplerSettings(**overrides), mode=mode)
+        mode = "chat" if (chat if chat is not None else model.card.chat) else "raw"
+        return Session(model, tok, SamplerSettings(**overrides), mode=mode, special=special), model_name
     statefile.check_model(saved, model, tok, resume)
     session = statefile.restore(saved, model, tok)
     session.settings = session.settings.replace(**overrides)
+    session.special = special
     if chat is not None:
         session.mode = "chat" if chat else "raw"
-    return session
+    return session, model_name
+
+
+def state_name(model_name: str) -> str:
+    """The model name a state file records: a local directory as an absolute path, so that
+    `--resume` finds it from anywhere."""
+    if model_name != "demo" and Path(model_name).expanduser().is_dir():
+        return str(Path(model_name).expanduser().resolve())
+    return model_name
 
 
 def save_state(path: Path | None, session, model_name: str, quiet: bool = False) -> None:
@@ -145,7 +181,7 @@ def save_state(path: Path | None, session, model_name: str, quiet: bool = False)
     if path is None:
         return
     from . import statefile
-    size = statefile.save(path, session, name=model_name)
+    size = statefile.save(path, session, name=state_name(model_name))
     if not quiet:
         print(f"saved state to {path} ({size / 1e6:.2f} MB, {session.ctx.tokens_seen} tokens)",
               file=sys.stderr)
@@ -162,23 +198,26 @@ def _check_save_path(path: Path | None) -> None:
 
 
 def _read_prompt(prompt: str | None, allow_empty: bool) -> str:
-    """The prompt argument, or stdin when it is omitted or '-'."""
-    if prompt is not None and prompt != "-":
-        if not prompt.strip() and not allow_empty:
+    """Piped stdin, then the prompt argument after one space (simonw/llm's convention); stdin
+    alone when the argument is omitted or '-'; from the terminal (until Ctrl-D) when there is
+    neither and something is needed."""
+    arg = "" if prompt in (None, "-") else prompt
+    stdin = ""
+    piped = sys.stdin is not None and not sys.stdin.isatty()
+    if piped or (not arg.strip() and not allow_empty and sys.stdin is not None):
+        if not piped:
+            print("reading the prompt from the terminal; end it with Ctrl-D", file=sys.stderr)
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+        try:
+            stdin = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RgemmaError(f"stdin is not valid UTF-8 (byte {e.start}); pass UTF-8 text") from None
+    text = " ".join(t for t in (stdin, arg) if t)
+    if not text.strip():
+        if not allow_empty:
             raise RgemmaError("empty prompt: pass PROMPT or pipe text on stdin")
-        return prompt if prompt.strip() else ""
-    if sys.stdin is None or (sys.stdin.isatty() and allow_empty):
         return ""
-    if sys.stdin.isatty():
-        print("reading the prompt from the terminal; end it with Ctrl-D", file=sys.stderr)
-    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise RgemmaError(f"stdin is not valid UTF-8 (byte {e.start}); pass UTF-8 text") from None
-    if not text.strip() and not allow_empty:
-        raise RgemmaError("empty prompt: pass PROMPT or pipe text on stdin")
-    return text if text.strip() else ""
+    return text
 
 
 def _peak_rss() -> int:
@@ -199,11 +238,15 @@ def _stats(g) -> str:
 @_user_errors
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(
-        metavar="PROMPT", help="The prompt; read from stdin when omitted or '-'.",
-        show_default=False)] = None,
-    model: Model = DEFAULT_MODEL,
+        metavar="PROMPT", help="The prompt. Text piped on stdin comes first, then PROMPT after a "
+        "space (`cat doc.txt | rgemma generate 'Summarize:'`); stdin alone when PROMPT is "
+        "omitted or '-'.", show_default=False)] = None,
+    model: Model = None,
     max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", metavar="N",
-                                            help="Tokens to generate at most.")] = 512,
+                                            help="Tokens to generate at most. 0: read the prompt "
+                                            "into the state and generate nothing (with "
+                                            "--save-state: read a document once, ask about it "
+                                            "many times with --resume).")] = 512,
     temperature: Temperature = None, top_k: TopK = None, top_p: TopP = None, min_p: MinP = None,
     repeat_penalty: RepeatPenalty = None, repeat_last_n: RepeatLastN = None, seed: Seed = None,
     stop: Annotated[Optional[list[str]], typer.Option(
@@ -211,31 +254,33 @@ def generate(
         show_default=False)] = None,
     chat: Annotated[Optional[bool], typer.Option(
         "--chat/--raw", help="Wrap the prompt in the chat template, or not. [default: chat for "
-        "-it models and demo, raw otherwise; a resumed state keeps its mode]",
+        "chat models (see `rgemma info`), raw otherwise; a resumed state keeps its mode]",
         show_default=False)] = None,
     system: System = None, save_state_path: SaveState = None, resume: Resume = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, token ids, "
                                           "finish reason, timings) instead of the text.")] = False,
+    special: Special = False,
     quiet: Quiet = False,
 ):
-    """Generate text from a prompt (argument or stdin); only the text goes to stdout."""
+    """Generate text from a prompt (argument and/or stdin); only the text goes to stdout."""
     overrides = _sampler_overrides(max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                    min_p=min_p, repeat_penalty=repeat_penalty,
                                    repeat_last_n=repeat_last_n, seed=seed)
     _check_save_path(save_state_path)
     text = _read_prompt(prompt, allow_empty=resume is not None)
-    session = start_session(model, resume, chat, overrides, quiet)
+    session, model = start_session(model, resume, chat, overrides, quiet, special)
+    if max_tokens == 0:  # read only: the state holds the prompt, nothing is generated
+        if text:
+            session.read(text, system)
+        save_state(save_state_path, session, model, quiet)
+        return
     if text:
-        ids = session.user_turn(text, system)
+        g = session.send(text, max_tokens, system=system, stop_strings=stop or ())
     else:
-        ids = ()
-        if not session.transcript or session.transcript[-1]["role"] != "model":
-            session.transcript.append({"role": "model", "content": ""})
-    g = session.generate(ids, max_tokens, stop_strings=stop or ())
+        g = session.resume(max_tokens, stop_strings=stop or ())
     tty = sys.stdout.isatty()
     try:
         for piece in g:
-            session.transcript[-1]["content"] += piece
             if not as_json:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -263,28 +308,30 @@ def generate(
 @app.command()
 @_user_errors
 def chat(
-    model: Model = DEFAULT_MODEL,
+    model: Model = None,
     max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", metavar="N",
                                             help="Tokens per reply at most.")] = 1024,
     temperature: Temperature = None, top_k: TopK = None, top_p: TopP = None, min_p: MinP = None,
     repeat_penalty: RepeatPenalty = None, repeat_last_n: RepeatLastN = None, seed: Seed = None,
     system: System = None,
     save_state_path: Annotated[Optional[Path], typer.Option(
-        "--save-state", metavar="PATH", help="Save the conversation to PATH after every turn.",
-        show_default=False)] = None,
+        "--save-state", metavar="PATH", help="Save the conversation to PATH after every turn "
+        "(and after /undo, /regen).", show_default=False)] = None,
     resume: Annotated[Optional[Path], typer.Option(
-        "--resume", metavar="PATH", help="Continue a saved chat (its transcript is shown again).",
-        show_default=False)] = None,
+        "--resume", metavar="PATH", help="Continue a saved chat (its transcript is shown again); "
+        "sampling options given here win over the file's.", show_default=False)] = None,
+    special: Special = False,
 ):
-    """Chat in the terminal. Type /help for commands; Ctrl-C stops a reply, Ctrl-D exits."""
+    """Chat in the terminal. Type /help for commands; Ctrl-C stops a reply or clears the line,
+    Ctrl-C on an empty line or Ctrl-D exits."""
     overrides = _sampler_overrides(max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                    min_p=min_p, repeat_penalty=repeat_penalty,
                                    repeat_last_n=repeat_last_n, seed=seed)
     _check_save_path(save_state_path)
     from .chat import ChatUI
-    session = start_session(model, resume, True, overrides)
-    ChatUI(session, model_name=model, max_tokens=max_tokens, system=system,
-           save_path=save_state_path).run()
+    session, model = start_session(model, resume, True, overrides, special=special)
+    ChatUI(session, model_name=state_name(model), max_tokens=max_tokens, system=system,
+           save_path=save_state_path, overrides=overrides).run()
 
 
 @app.command()
@@ -309,14 +356,13 @@ def info(model: Annotated[str, typer.Argument(metavar="MODEL",
          check: Annotated[bool, typer.Option(
              "--check", help="Also scan every tensor for NaN / Inf (reads the whole checkpoint); "
              "exit status 1 naming the tensors if any.")] = False):
-    """Describe a model: config, parameters, weight bytes, state size."""
+    """Describe a model: parameters, weight bytes, state size, chat or raw (and why), config."""
     from rich.console import Console
     from rich.table import Table
 
     from . import load
     from .checkpoint import resolve
-    from .formats import describe as weight_format
-    from .state import State
+    from .info import describe
 
     path = resolve(model)
     if check:  # before loading: a NaN norm would stop the load with only the first bad tensor
@@ -327,26 +373,9 @@ def info(model: Annotated[str, typer.Argument(metavar="MODEL",
             raise RgemmaError(f"{path}: {len(bad)} tensor(s) hold NaN or Inf: "
                               f"{', '.join(bad[:3])}{more}")
     m, tok = load(path)  # (not `model`: a repo id would be looked up on the Hub twice)
-    head = m.weights["model.embed_tokens.weight"]
-    matrices = sorted({weight_format(w) for n, w in m.weights.items()
-                       if n.endswith("proj.weight") or n.endswith("linear_out.weight")})
-    cfg = m.config
-    params = sum(int(np.prod(w.shape)) for w in m.weights.values())
-    nbytes = sum(int(getattr(w, "nbytes", 0)) for w in m.weights.values())
-    state = State.zeros(cfg).nbytes
     t = Table(show_header=False, box=None)
-    for k, v in [("model", model), ("path", str(path)), ("parameters", f"{params:,}"),
-                 ("weight bytes", f"{nbytes:,} ({nbytes / 2**30:.2f} GiB)" if nbytes >= 2**30
-                  else f"{nbytes:,} ({nbytes / 2**20:.2f} MiB)"),
-                 ("linear weights", ", ".join(matrices)),
-                 ("embedding / head", weight_format(head)),
-                 ("state size", f"{state:,} bytes ({state / 2**20:.2f} MiB) at >= "
-                                f"{cfg.attention_window_size} tokens"),
-                 ("tokenizer", f"{tok.vocab_size:,} pieces" if tok else "none (no tokenizer.model)"),
-                 ("chat template", "yes" if _is_chat_model(model) else "no (raw by default)")]:
+    for k, v in describe(m, tok, model, path):
         t.add_row(k, v)
-    for k, v in cfg.to_dict().items():
-        t.add_row(k, str(v))
     if check:
         t.add_row("check", "every tensor finite (no NaN / Inf)")
     Console().print(t)

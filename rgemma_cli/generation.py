@@ -1,61 +1,49 @@
-"""The generation loop: feed tokens, sample, stream text, stop; resumable at any token.
+"""The conversation layer: template, transcript, streamed text, stop rules, Ctrl-C.
 
-A conversation's position is a `Context` — the model state, the recent fed tokens, the *pending*
-tokens (decided but not yet fed: the last sampled token, or a prompt not yet run) and the
-sampler's RNG state. A step feeds the pending tokens and samples one new pending token. The
-context is immutable and replaced by a single assignment after each step, so a Ctrl-C at any
-moment leaves `Session.ctx` describing exactly the tokens shown so far, and saving it then
-resuming reproduces an uninterrupted run token for token.
+A `Session` is a conversation over one token stream. Decoding is `decode.Decoder`'s (feed,
+sample, in-place rings); the session turns text into the ids of the chat template, streams the
+reply as text, records it in its transcript and, after a Ctrl-C, goes back to exactly what was
+shown. `cli generate`, the terminal chat and the server are print loops over `Session.send`:
 
-    session = Session(model, tokenizer, SamplerSettings(temperature=0))
-    for piece in session.generate(tokenizer.raw_prompt("Hello"), max_tokens=20):
+    session = Session(model, tokenizer, SamplerSettings(temperature=0), mode="chat")
+    for piece in session.send("Hello", max_tokens=20):
         print(piece, end="", flush=True)
+
+In chat mode the stream the model has seen is always the transcript in the chat template:
+`session.stream_ids()` equals `tokenizer.apply_chat_template(session.transcript, ...)`. A reply
+is closed with `<end_of_turn>\\n` however it stopped (`<end_of_turn>`, `<start_of_turn>`,
+`<eos>`, a stop string); a reply the model spelled differently from the canonical tokenization
+of its text is re-read (prefilled) from the last point where both agree, as llama.cpp's server
+does when it re-tokenizes a conversation.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import time
 from dataclasses import dataclass, field, replace
 
-import numpy as np
-
+from .decode import Context, Decoder
 from .errors import RgemmaError
-from .sampling import MAX_REPEAT_LAST_N, SamplerSettings, new_rng_state, sample
-from .state import AttentionState, State
-from .tokenizer import END_OF_TURN, Tokenizer
+from .sampling import SamplerSettings
+from .tokenizer import END_OF_TURN, START_OF_TURN, Tokenizer
 
-HISTORY_KEEP = MAX_REPEAT_LAST_N  # fed tokens remembered: the widest repeat-penalty window
-
-
-@dataclass(frozen=True)
-class Context:
-    """Where a token stream stands. Never mutated: every step makes a new one."""
-
-    state: State  # the model state after every fed token
-    recent: tuple[int, ...]  # the last fed tokens (at most HISTORY_KEEP), for the repeat penalty
-    pending: tuple[int, ...]  # decided but not yet fed; fed first by the next step
-    rng: dict  # the sampler's PCG64 state (JSON-able)
-
-    @property
-    def tokens_seen(self) -> int:
-        """Tokens in the stream so far, fed or pending."""
-        return self.state.pos + len(self.pending)
+__all__ = ["Context", "Generation", "Session"]
 
 
 @dataclass
 class Generation:
-    """One call of `Session.generate`: iterate for text pieces; the fields fill in as it runs."""
+    """One reply being generated: iterate for text pieces; the fields fill in as it runs."""
 
     tokens: list[int] = field(default_factory=list)  # sampled ids, the stopping one included
     text: str = ""  # everything yielded
     finish_reason: str | None = None  # "stop" | "length" | "interrupted"
+    cancelled: bool = False  # Ctrl-C before any text: the message was withdrawn
     prompt_tokens: int = 0  # tokens fed by the first step (the prompt and the old pending token)
     prompt_seconds: float = 0.0
     gen_seconds: float = 0.0
     shown: Context | None = None  # the context as of the last text yielded
     _iter: object = None
+    _done: bool = False
 
     def __iter__(self):
         return self._iter
@@ -72,144 +60,249 @@ class Generation:
         return n / self.gen_seconds if n > 0 and self.gen_seconds else 0.0
 
 
-class Session:
-    """A model, its tokenizer, sampler settings and a `Context`; generation advances it.
+@dataclass
+class _Turn:
+    """What a reply may need to go back to (see Session._settle)."""
 
-    Decoding writes each new key/value into the state's ring in place instead of copying the
-    ring (`Griffin.forward(donate=True)`), but only while the state is the session's own: once
-    `ctx` has been read or set from outside, the next step copies, so a context anyone holds
-    keeps its meaning. Inside `generate`, the ring slots a step overwrites are saved first, so
-    `interrupt` can still go back to the last context shown.
+    before: Context  # the stream before the prompt
+    transcript_len: int  # the transcript before the prompt's messages
+    prompt: tuple[int, ...]  # the ids the prompt appended
+    record: bool  # the reply goes into transcript[-1] (a model message)
+    after_prompt: Context | None = None  # the state right after the prompt was fed
+
+
+class Session:
+    """A conversation: a tokenizer, a mode ("chat": Gemma's template; "raw": plain text), a
+    transcript [{"role": "system"|"user"|"model", "content": str}] and a `Decoder`.
+
+    `special`: text may spell control tokens and generated control tokens are printed
+    (llama.cpp's --special). `stop_ids`: the ids that end a reply (default: the model's eos
+    ids, `model.card.eos_ids`, plus `<start_of_turn>`/`<end_of_turn>` in chat mode).
     """
 
     def __init__(self, model, tokenizer: Tokenizer, settings: SamplerSettings,
-                 ctx: Context | None = None, *, mode: str = "raw", transcript=None):
-        self.model, self.tokenizer = model, tokenizer
-        self.settings = settings.with_seed()
-        self._ctx = ctx or Context(model.initial_state(), (), (), new_rng_state(self.settings.seed))
-        self._shared = ctx is not None  # someone else may hold self._ctx: do not write into it
-        self._undo = None  # in `generate`: [(ring, slot, old rows)] written in place since `shown`
-        self.mode = mode  # "chat" or "raw": how prompts are wrapped
-        self.transcript = list(transcript or [])  # [{"role": "system"|"user"|"model", "content"}]
-        self._rng = np.random.Generator(np.random.PCG64())
+                 ctx: Context | None = None, *, mode: str = "raw", transcript=None,
+                 special: bool = False):
+        if mode not in ("chat", "raw"):
+            raise RgemmaError(f"unknown mode {mode!r} (chat or raw)")
+        self.decoder = Decoder(model, settings, ctx)
+        self.tokenizer, self.mode, self.special = tokenizer, mode, special
+        self.transcript = list(transcript or [])
+        self._turn: _Turn | None = None
+
+    # -- the stream -------------------------------------------------------------------------------
+
+    model = property(lambda self: self.decoder.model,
+                     lambda self, m: setattr(self.decoder, "model", m))
+    settings = property(lambda self: self.decoder.settings,
+                        lambda self, s: setattr(self.decoder, "settings", s))
 
     @property
     def ctx(self) -> Context:
-        """The current context. Reading it makes the next step leave its state untouched."""
-        self._shared = True
-        if self._undo:  # its rings may still be rolled back by `interrupt`: hand out a copy
-            return replace(self._ctx, state=self._ctx.state.copy())
-        return self._ctx
+        """The current context (a value; see `Decoder.ctx`)."""
+        return self.decoder.ctx
 
     @ctx.setter
     def ctx(self, value: Context) -> None:
-        self._ctx, self._shared = value, True
+        self.decoder.ctx = value
 
     @property
     def fresh(self) -> bool:
         """Nothing has been fed or queued yet."""
-        return self._ctx.tokens_seen == 0
+        return self.decoder.tokens_seen == 0
 
-    def prompt_ids(self, text: str, system: str | None = None) -> list[int]:
-        """The ids that append `text` as a prompt: a user turn in chat mode, plain text in raw
-        mode (BOS only at the very start)."""
-        if self.mode == "chat":
-            return self.tokenizer.chat_prompt(
-                text, system=system, first=self.fresh,
-                close_model_turn=self._ctx.pending[-1:] != (END_OF_TURN,))
-        return self.tokenizer.raw_prompt(text, bos=self.fresh)
+    def stop_ids(self) -> frozenset[int]:
+        """The ids that end a reply."""
+        card = getattr(self.model, "card", None)
+        ids = {self.tokenizer.eos_id, *(card.eos_ids if card else ())}
+        return frozenset(ids | ({START_OF_TURN, END_OF_TURN} if self.mode == "chat" else set()))
 
-    def user_turn(self, text: str, system: str | None = None) -> list[int]:
-        """Record a prompt in the transcript (with an empty reply to stream into) and return
-        the ids that append it."""
-        ids = self.prompt_ids(text, system)
+    def _tail(self, n: int) -> tuple[int, ...]:
+        c = self.decoder._ctx
+        return (c.recent + c.pending)[-n:]
+
+    @property
+    def finished(self) -> bool:
+        """Chat mode: the last turn is closed (`<end_of_turn>\\n`): there is nothing to continue."""
+        close = (END_OF_TURN, *self.tokenizer.newline)
+        return self.mode == "chat" and not self.fresh and self._tail(len(close)) == close
+
+    def stream_ids(self) -> list[int]:
+        """The chat template of the transcript as the model has seen it (chat mode), which
+        `recent + pending` equal while the stream is shorter than HISTORY_KEEP."""
+        return self.tokenizer.apply_chat_template(self.transcript, special=self.special,
+                                                  continue_final_message=not self.finished)
+
+    # -- prompts ------------------------------------------------------------------------------------
+
+    def prompt_ids(self, text: str, system: str | None = None, *, reply: bool = True) -> list[int]:
+        """The ids that append `text`: a user turn in chat mode (closing an open reply first;
+        `reply` opens the model's turn after it), plain text in raw mode (BOS only at the very
+        start). A stop token left pending by an older file is replaced by the turn's end."""
+        tok = self.tokenizer
+        if self.mode == "raw":
+            return tok.raw_prompt(text, bos=self.fresh, special=self.special)
+        msgs = ([{"role": "system", "content": system}] if self.fresh and system and system.strip()
+                else []) + [{"role": "user", "content": text}]
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=reply, special=self.special)
+        if self.fresh:
+            return ids
+        return self._close() + ids[1:]
+
+    def _close(self) -> list[int]:
+        """The ids that close the last turn, if it is open."""
+        if self.finished:
+            return []
+        if self._tail(1) == (END_OF_TURN,):
+            return self.tokenizer.newline
+        c = self.decoder._ctx
+        if c.pending[-1:] and c.pending[-1] in self.stop_ids():  # <eos> never goes in front
+            self.decoder._ctx = replace(c, pending=c.pending[:-1])
+        return [END_OF_TURN] + self.tokenizer.newline
+
+    def user_turn(self, text: str, system: str | None = None, *, reply: bool = True) -> list[int]:
+        """Record a prompt in the transcript (with an empty reply to stream into, if `reply`)
+        and return the ids that append it."""
+        before, n = self.decoder.ctx, len(self.transcript)
+        ids = self.prompt_ids(text, system, reply=reply)
         if self.fresh and system and system.strip():
             self.transcript.append({"role": "system", "content": system.strip()})
-        self.transcript += [{"role": "user", "content": text.strip()}, {"role": "model", "content": ""}]
+        self.transcript.append({"role": "user", "content": text.strip() if self.mode == "chat" else text})
+        if reply:
+            self.transcript.append({"role": "model", "content": ""})
+        self._turn = _Turn(before, n, tuple(ids), reply)
         return ids
 
     def feed(self, ids) -> None:
         """Queue tokens; they are run by the next step (or stay pending in a saved file)."""
-        self._ctx = replace(self._ctx, pending=self._ctx.pending + tuple(int(i) for i in ids))
+        self.decoder.feed(ids)
 
     def step(self) -> int:
         """Feed the pending tokens, sample the next one; it becomes the only pending token."""
-        c = self._ctx
-        if not c.pending:
+        return self.decoder.step()
+
+    # -- the conversation -----------------------------------------------------------------------------
+
+    def send(self, text: str, max_tokens: int = 256, *, system: str | None = None,
+             stop_strings=()) -> Generation:
+        """Add a user message (chat) or text (raw) and generate the reply."""
+        if max_tokens < 0:
+            raise RgemmaError(f"--max-tokens must be >= 0, got {max_tokens}")
+        return self.generate(self.user_turn(text, system), max_tokens, stop_strings=stop_strings)
+
+    def read(self, text: str, system: str | None = None) -> None:
+        """Read `text` into the state now and generate nothing: in chat mode a closed user
+        turn (a document, answered by a later `send` or `resume`), in raw mode plain text."""
+        ids = self.user_turn(text, system, reply=False)
+        self._turn = None
+        self.decoder.feed(ids)
+        self.decoder.prefill()
+
+    def resume(self, max_tokens: int = 256, *, stop_strings=()) -> Generation:
+        """Generate with no new message: continue a reply cut short, answer a user turn left
+        unanswered (`read`), or continue raw text. A finished reply is an RgemmaError."""
+        if max_tokens < 0:
+            raise RgemmaError(f"--max-tokens must be >= 0, got {max_tokens}")
+        if self.fresh:
             raise RgemmaError("nothing to continue from: give a prompt")
-        donate = not self._shared and len(c.pending) == 1 and _takes_donate(type(self.model))
-        if donate and self._undo is not None:  # keep what the new slot held, for `interrupt`
-            W = self.model.config.attention_window_size
-            slot = c.state.pos % W
-            self._undo += [(ring, slot, ring[slot].copy()) for layer in c.state.layers
-                           if isinstance(layer, AttentionState) for ring in (layer.k, layer.v)]
-        try:  # NaN / Inf are reported once, below, not as NumPy warnings on the way
-            with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-                logits, state = self.model.forward(list(c.pending), c.state, last_only=True,
-                                                   **({"donate": True} if donate else {}))
-        except ZeroDivisionError:  # a kernel's softmax sum was NaN: non-finite activations
-            logits = None
-        if logits is None or not np.isfinite(logits[-1]).all():  # ~20 us for 256k logits
-            raise non_finite_error(self.model, c.state.pos + len(c.pending) - 1)
-        recent = (c.recent + c.pending)[-HISTORY_KEEP:]
-        self._rng.bit_generator.state = c.rng
-        token = sample(logits[-1], self.settings, recent, self._rng)
-        self._ctx = Context(state, recent, (token,), self._rng.bit_generator.state)  # one store
-        self._shared = False
-        return token
+        if self.mode == "raw":
+            if self.transcript[-1:] and self.transcript[-1]["role"] == "model":
+                n = len(self.transcript) - 1
+            else:
+                n = len(self.transcript)
+                self.transcript.append({"role": "model", "content": ""})
+            self._turn = _Turn(self.decoder.ctx, n, (), True)
+            return self.generate((), max_tokens, stop_strings=stop_strings)
+        last = self.transcript[-1]["role"] if self.transcript else None
+        if self.finished and last == "model":
+            raise RgemmaError("the last reply is finished: nothing to continue; give a prompt")
+        if self.finished or last != "model":  # a user turn waits for its answer
+            before, n = self.decoder.ctx, len(self.transcript)
+            ids = self._close() + self.tokenizer.generation_prompt()
+            self.transcript.append({"role": "model", "content": ""})
+            self._turn = _Turn(before, n, tuple(ids), True)
+            return self.generate(ids, max_tokens, stop_strings=stop_strings)
+        self._turn = _Turn(self.decoder.ctx, len(self.transcript) - 1, (), True)
+        return self.generate((), max_tokens, stop_strings=stop_strings)
+
+    def restore(self, ctx: Context, transcript_len: int) -> None:
+        """Go back to an earlier point of the conversation (/undo, /regen), keeping the random
+        stream where it is (so a regenerated answer is a new one)."""
+        self.decoder.ctx = replace(ctx, rng=self.decoder._ctx.rng)
+        del self.transcript[transcript_len:]
+        self._turn = None
+
+    # -- generating -----------------------------------------------------------------------------------
 
     def generate(self, prompt_ids=(), max_tokens: int = 256, *, stop_ids=None,
                  stop_strings=()) -> Generation:
         """Append `prompt_ids` and generate up to `max_tokens` tokens, streaming text pieces.
 
-        Stops at a token in `stop_ids` (default: `<eos>`, plus `<end_of_turn>` in chat mode)
-        or when a stop string appears; neither is printed, and the stopping token stays pending.
+        Stops at a token in `stop_ids` (default: `stop_ids()`) or when a stop string appears;
+        neither is printed. The text goes into the transcript's last message when the prompt
+        came from `user_turn` / `resume` (`send` does both).
         """
         if max_tokens < 0:
             raise RgemmaError(f"--max-tokens must be >= 0, got {max_tokens}")
-        if stop_ids is None:
-            stop_ids = {self.tokenizer.eos_id} | ({END_OF_TURN} if self.mode == "chat" else set())
+        stop_ids = self.stop_ids() if stop_ids is None else frozenset(stop_ids)
+        turn, self._turn = self._turn, None
+        if turn is None or turn.prompt != tuple(prompt_ids):
+            turn = _Turn(self.decoder.ctx, len(self.transcript), tuple(prompt_ids), False)
         # A pure continuation may start inside a character whose first bytes the previous call
         # held back: prime the decoder with the last tokens so it can complete it.
-        tail = () if len(prompt_ids) else (self._ctx.recent + self._ctx.pending)[-4:]
-        self.feed(prompt_ids)
-        if max_tokens > 0 and not self._ctx.pending:
+        tail = () if len(prompt_ids) else self._tail(4)
+        self.decoder.feed(prompt_ids)
+        if max_tokens > 0 and not self.decoder.pending:
             raise RgemmaError("nothing to continue from: give a prompt")
         g = Generation()
-        g._iter = self._run(g, max_tokens, frozenset(stop_ids), [s for s in stop_strings if s], tail)
+        g._iter = self._run(g, turn, max_tokens, stop_ids, [s for s in stop_strings if s], tail)
         return g
 
     def interrupt(self, g: Generation) -> None:
         """Stop `g` after a Ctrl-C: forget the tokens sampled but not yet shown as text, so the
-        context matches exactly what the user saw (also call it when the Ctrl-C landed outside
-        the generator, e.g. while printing)."""
-        if g.shown is not None and g.finish_reason in (None, "interrupted"):
-            dropped = self._ctx.tokens_seen - g.shown.tokens_seen
-            for ring, slot, rows in reversed(self._undo or ()):  # un-write steps since `shown`
-                ring[slot] = rows
-            self._ctx, self._undo = g.shown, []
+        stream matches exactly what the user saw; with no text shown at all, the message is
+        withdrawn (also call it when the Ctrl-C landed outside the generator, e.g. while
+        printing)."""
+        if g._done:
+            return
+        if g.shown is not None:
+            dropped = self.decoder.tokens_seen - g.shown.tokens_seen
+            self.decoder.rollback(g.shown)
             if dropped > 0:
                 del g.tokens[-dropped:]
         g.finish_reason = "interrupted"
+        turn = getattr(g, "_turn", None)
+        if turn is not None and turn.record and not g.text:
+            self.decoder.ctx = replace(turn.before, rng=self.decoder._ctx.rng)
+            del self.transcript[turn.transcript_len:]
+            g.cancelled = True
+        elif turn is not None:
+            self._settle(g, turn)
+        g._done = True
+        self.decoder.release()
 
-    def _run(self, g: Generation, max_tokens: int, stop_ids, stops, tail):
-        detok = self.tokenizer.detokenizer()
+    def _run(self, g: Generation, turn: _Turn, max_tokens: int, stop_ids, stops, tail):
+        g._turn = turn
+        detok = self.tokenizer.detokenizer(special=self.special)
         for token in tail:
             detok.add(token)
         text = ""  # generated text, including what is held back
         out = 0  # chars of `text` already yielded
         # The last context whose every sampled token has been yielded as text. A Ctrl-C goes
         # back to it (see `interrupt`), so the state never holds tokens nobody saw.
-        g.shown, self._undo = self._ctx, []
-        g.prompt_tokens = len(self._ctx.pending)
+        g.shown = self.decoder.mark()
+        g.prompt_tokens = len(self.decoder.pending)
         t0 = time.perf_counter()
+        msg = self.transcript[-1] if turn.record and self.transcript else None
         try:
             while len(g.tokens) < max_tokens:
-                token = self.step()
+                token = self.decoder.step()
                 g.tokens.append(token)
                 now = time.perf_counter()
                 if len(g.tokens) == 1:
                     g.prompt_seconds, t0 = now - t0, now
+                    if turn.record and self.mode == "chat":
+                        turn.after_prompt = self.decoder.ctx  # (the next step copies the rings)
                 else:
                     g.gen_seconds = now - t0
                 if token in stop_ids:
@@ -223,10 +316,12 @@ class Session:
                     break
                 safe = len(text) - _held_back(text, stops)
                 if safe == len(text) and not detok.holding:
-                    g.shown, self._undo = self._ctx, []
+                    g.shown = self.decoder.commit()
                 if safe > out:
                     piece, out = text[out:safe], safe
                     g.text += piece
+                    if msg is not None:
+                        msg["content"] += piece
                     yield piece
             else:
                 # an incomplete character stays unprinted; a continuation completes it (see tail)
@@ -234,28 +329,46 @@ class Session:
         except KeyboardInterrupt:
             self.interrupt(g)
             raise
-        finally:
-            self._undo = None
         if len(text) > out:
             g.text += text[out:]
+            if msg is not None:
+                msg["content"] += text[out:]
+        self._settle(g, turn)
+        g._done = True
+        self.decoder.release()
+        if len(text) > out:
             yield text[out:]
 
+    def _settle(self, g: Generation, turn: _Turn) -> None:
+        """Chat mode, after a reply: make the stream equal the transcript in the template.
 
-def non_finite_error(model, pos: int) -> RgemmaError:
-    """The error for NaN / Inf logits at token position `pos`, naming the first weight tensor
-    holding NaN or Inf (a scan of the weights, paid only on this error path) if there is one."""
-    from .checkpoint import non_finite_tensors
-    bad = non_finite_tensors(getattr(model, "weights", {}))
-    why = (f"tensor {bad[0]} holds NaN or Inf" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
-           if bad else "the activations overflowed (the weights are finite)")
-    return RgemmaError(f"the model produced NaN/Inf logits at position {pos}: {why}; generation "
-                       f"stopped (`rgemma info --check MODEL` scans a checkpoint)")
-
-
-@functools.cache
-def _takes_donate(model_type) -> bool:
-    """Whether the model's forward accepts `donate` (stand-in models in tests may not)."""
-    return "donate" in inspect.signature(model_type.forward).parameters
+        The reply is closed with `<end_of_turn>\\n` if it stopped (whatever stopped it). Where
+        the sampled ids differ from the template's tokenization of the text (a stop string cut
+        inside a token, bytes held back at a Ctrl-C, a word spelled in other pieces, a reply
+        starting with a newline that merges with the template's), the stream goes back to the
+        last state that agrees and the rest is queued (pending), to be read by the next step.
+        """
+        if self.mode != "chat" or not turn.record or g.cancelled:
+            return
+        closed = g.finish_reason == "stop"
+        want = self.tokenizer.apply_chat_template(self.transcript, special=self.special,
+                                                  continue_final_message=not closed)
+        before, cur = turn.before, self.decoder._ctx
+        m0 = before.state.pos
+        if len(want) < before.tokens_seen:  # the transcript does not describe this stream
+            return
+        have = list(before.pending) + list(turn.prompt) + g.tokens
+        want_tail = want[m0:]
+        if have == want_tail:
+            return
+        for base in (cur, turn.after_prompt, before):
+            if base is None:
+                continue
+            k = base.state.pos - m0  # tokens of `have` that `base` has fed
+            # (something must stay pending: the next step needs a token to feed)
+            if 0 <= k < len(want_tail) and k <= len(have) and have[:k] == want_tail[:k]:
+                self.decoder.ctx = Context(base.state, base.recent, tuple(want_tail[k:]), cur.rng)
+                return
 
 
 def _find_stop(text: str, start: int, stops) -> int | None:

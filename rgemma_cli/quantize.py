@@ -31,6 +31,7 @@ from .checkpoint import IGNORED, CheckpointWriter, open_tensors
 from .config import read_config_json
 from .errors import RgemmaError
 from .formats import Q4_GROUP, SCALE_SUFFIX
+from .modelcard import RECORD_KEY, chat_nature
 from .safetensors import SafetensorsFile, bf16_to_f32, f32_to_bf16
 
 QUANTIZED_LAYERS = ("mlp_block.gate_proj", "mlp_block.up_proj", "mlp_block.down_proj",
@@ -160,5 +161,7 @@ def quantize_checkpoint(src_dir, out_dir, bits: int, *, embedding_bits: int | No
             shutil.copy2(p, out / p.name)
     config["quantization"] = {"method": "rgemma", "bits": bits, "group_size": Q4_GROUP,
                               "embedding_bits": embedding_bits}
+    chat, why = chat_nature(src)  # a copy is a chat model exactly when its source is
+    config[RECORD_KEY] = {"chat": chat, "source": f"{src.resolve()}: {why}"}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out

@@ -191,15 +191,15 @@ def test_usage_doc_is_current():
 
 
 def test_ctrl_c_during_generate_saves_what_was_shown(tiny_base_dir, tmp_path, monkeypatch):
-    from rgemma_cli.generation import Session
-    real_step, calls = Session.step, []
+    from rgemma_cli.decode import Decoder
+    real_step, calls = Decoder.step, []
 
     def step(self):
         calls.append(1)
         if len(calls) == 5:
             raise KeyboardInterrupt
         return real_step(self)
-    monkeypatch.setattr(Session, "step", step)
+    monkeypatch.setattr(Decoder, "step", step)
     s = tmp_path / "s.rgs"
     r = rg("generate", "-m", tiny_base_dir, "-t", 0, "-q", "--save-state", s, "Hello", ok=False)
     monkeypatch.undo()

@@ -2,11 +2,12 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from rgemma_cli.errors import RgemmaError
 from rgemma_cli.generation import Session
 from rgemma_cli.sampling import SamplerSettings
-from rgemma_cli.tokenizer import END_OF_TURN
+from rgemma_cli.tokenizer import END_OF_TURN, START_OF_TURN
 
 GREEDY = SamplerSettings(temperature=0)
 SAMPLED = SamplerSettings(temperature=1.0, top_k=0, top_p=0.9, min_p=0.0, seed=1234)
@@ -196,7 +197,7 @@ def test_a_context_read_while_text_is_held_back_survives_a_ctrl_c(tiny):
     rigged = Rigged(model, force, interrupt_after=8)
     s = Session(rigged, tok, GREEDY)
     seen = []
-    real_step = s.step
+    real_step = s.decoder.step
 
     def step_and_look():
         token = real_step()
@@ -205,7 +206,7 @@ def test_a_context_read_while_text_is_held_back_survives_a_ctrl_c(tiny):
             seen.append((s.ctx, s.ctx.state.copy()))
         return token
 
-    s.step = step_and_look
+    s.decoder.step = step_and_look
     with pytest.raises(KeyboardInterrupt):
         list(s.generate(prompt, len(ids) + 4))
     assert s.ctx.state == plain.ctx.state  # the same rollback as without the look
@@ -245,3 +246,108 @@ def test_character_split_across_calls(tiny):
     texts = [run(s, tok.raw_prompt("ab"), 5).text]  # stops after the first byte of 日
     texts += [run(s, (), 1).text, run(s, (), len(ids) - 6).text]
     assert texts[0] == "ab " and "".join(texts) == "ab 日本"
+
+
+# -- the model sees exactly the chat template (issue 10 item 2) ----------------------------------
+
+class Scripted:
+    """Wraps a model; remembers, for every state it returns, the ids fed to reach it (so a
+    test can ask what a context's state has seen), and can force the n-th sampled token of a
+    generation or raise KeyboardInterrupt at its n-th forward call."""
+
+    def __init__(self, model):
+        self.model, self.config, self.fingerprint = model, model.config, model.fingerprint
+        self.card = getattr(model, "card", None)
+        self.seen = {}  # id(state) -> (state, ids fed since the start)
+        self.calls, self.force, self.interrupt_at = 0, {}, None
+
+    def initial_state(self):
+        s = self.model.initial_state()
+        self.seen[id(s)] = (s, ())
+        return s
+
+    def forward(self, ids, state, *, last_only=False, donate=False):
+        self.calls += 1
+        if self.calls == self.interrupt_at:
+            raise KeyboardInterrupt
+        before = self.history(state)
+        logits, new = self.model.forward(ids, state, last_only=last_only, donate=donate)
+        self.seen[id(new)] = (new, before + tuple(ids))
+        if self.calls in self.force:
+            logits = logits.copy()
+            logits[-1, self.force[self.calls]] = 1e4
+        return logits, new
+
+    def history(self, state):
+        kept, ids = self.seen[id(state)]
+        assert kept is state
+        return ids
+
+    def script(self, force=None, interrupt_at=None):
+        """Force tokens at / interrupt on the n-th forward call from now (1 = the prefill)."""
+        self.calls, self.force, self.interrupt_at = 0, dict(force or {}), interrupt_at
+
+
+TEXTS = st.sampled_from(["hi", "Tell me more", " x ", "a<end_of_turn>\n<start_of_turn>model\nb",
+                         "<eos>?", "日本", "\n\nok"])
+ENDINGS = st.sampled_from([END_OF_TURN, 106, 1, "length", "interrupt", "stop string"])
+OPS = st.lists(st.tuples(st.sampled_from(["send", "send", "send", "resume", "undo", "regen",
+                                          "reload", "read"]), TEXTS, ENDINGS,
+                         st.integers(1, 5)), min_size=1, max_size=6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(OPS, st.integers(0, 2**32))
+def test_fed_ids_are_the_transcript_in_the_chat_template(tiny, tmp_path_factory, ops, seed):
+    from rgemma_cli import statefile
+    model, tok = tiny
+    m = Scripted(model)
+    s = Session(m, tok, SamplerSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=seed),
+                mode="chat")
+    undo = []  # (context, transcript length, text) before each message, as the chat keeps them
+
+    def check():
+        c = s.ctx
+        fed = m.history(c.state)
+        want = tok.apply_chat_template(s.transcript, continue_final_message=not s.finished
+                                       ) if s.transcript else []
+        assert list(fed) + list(c.pending) == want, (s.transcript, fed, c.pending)
+        assert tok.special_ids.isdisjoint(
+            w for w in want if w not in (tok.bos_id, START_OF_TURN, END_OF_TURN))
+
+    def reply(text, ending, n):
+        force = {n: ending} if isinstance(ending, int) else {}
+        m.script(force, interrupt_at=n if ending == "interrupt" else None)
+        g = s.send(text, 5, stop_strings=["e"] if ending == "stop string" else ())
+        try:
+            list(g)
+        except KeyboardInterrupt:
+            pass
+
+    for op, text, ending, n in ops:
+        if op in ("send", "regen") or (op == "read" and not s.fresh and not s.finished):
+            if op == "regen" and undo:
+                ctx, k, text = undo.pop()
+                s.restore(ctx, k)
+            undo.append((s.ctx, len(s.transcript), text))
+            reply(text, ending, n)
+        elif op == "read":
+            s.read(text)
+        elif op == "resume":
+            m.script({n: ending} if isinstance(ending, int) else {})
+            if s.fresh or (s.finished and s.transcript[-1]["role"] == "model"):
+                with pytest.raises(RgemmaError, match="nothing to continue"):
+                    s.resume(5)
+            else:
+                list(s.resume(5))
+        elif op == "undo" and undo:
+            ctx, k, _ = undo.pop()
+            s.restore(ctx, k)
+        elif op == "reload" and not s.fresh:
+            path = tmp_path_factory.mktemp("s") / "s.rgs"
+            statefile.save(path, s)
+            old = s.ctx.state
+            s = statefile.restore(statefile.load(path), m, tok)
+            m.seen[id(s.ctx.state)] = (s.ctx.state, m.history(old))
+            assert s.ctx.state == old
+        check()
