@@ -95,7 +95,7 @@ def save(path: str | Path, session: Session, name: str = "") -> int:
         tensors.append(a)
     data_hash = hashlib.sha256()
     for a in tensors:
-        data_hash.update(memoryview(a).cast("B"))
+        data_hash.update(a.tobytes() if a.size == 0 else memoryview(a).cast("B"))  # (cast refuses size 0)
     header = {
         "format": "rgemma-state", "version": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
