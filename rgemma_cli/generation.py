@@ -22,12 +22,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 
-from .decode import Context, Decoder
+from .decode import HISTORY_KEEP, Context, Decoder
 from .errors import RgemmaError
 from .sampling import SamplerSettings
 from .tokenizer import END_OF_TURN, START_OF_TURN, Tokenizer
 
-__all__ = ["Context", "Generation", "Session"]
+__all__ = ["HISTORY_KEEP", "Context", "Generation", "Session"]
 
 
 @dataclass
