@@ -148,3 +148,22 @@ def test_ctrl_c_at_the_prompt_exits(tiny_model_dir):
     t.settle()
     t.send("\x03")
     assert t.wait() == 0
+
+
+def test_line_editing_and_ctrl_c_on_a_half_typed_line(tiny_model_dir, tmp_path):
+    save = tmp_path / "c.rgs"
+    t = Terminal("chat", "-m", str(tiny_model_dir), "-t", "0", "-n", "4", "--save-state", str(save))
+    t.expect(r">>> ")
+    t.settle()
+    t.send("forget this")
+    t.settle()
+    t.send("\x03")  # Ctrl-C with a half-typed line: the line goes, the chat stays
+    t.expect(r">>> ")
+    t.settle()
+    t.send("xyz\x15Hello\x01Say \n")  # Ctrl-U kills the line, Ctrl-A goes to its start
+    t.expect(r">>> ")
+    t.settle()
+    t.send("\x03")  # Ctrl-C on an empty line exits
+    assert t.wait() == 0
+    saved = statefile.load(save)
+    assert [m["content"] for m in saved.transcript if m["role"] == "user"] == ["Say Hello"]

@@ -351,3 +351,29 @@ def test_fed_ids_are_the_transcript_in_the_chat_template(tiny, tmp_path_factory,
             m.seen[id(s.ctx.state)] = (s.ctx.state, m.history(old))
             assert s.ctx.state == old
         check()
+
+
+def test_raw_mode_stops_at_every_eos_id_of_the_model():
+    from rgemma_cli import load
+    model, tok = load("demo")
+    assert model.card.eos_ids == (1, 107)
+    for stop in (1, 107):
+        prompt = tok.raw_prompt("Once upon a time")
+        rigged = Rigged(model, {len(prompt) + 2: stop})
+        rigged.card = model.card
+        g = run(Session(rigged, tok, GREEDY, mode="raw"), prompt, 20)
+        assert g.finish_reason == "stop" and g.tokens[-1] == stop and len(g.tokens) == 3
+
+
+def test_eos_ends_a_chat_reply_and_never_goes_in_front_of_the_next_turn(tiny):
+    model, tok = tiny
+    for stop in (tok.eos_id, START_OF_TURN, END_OF_TURN):
+        s = Session(model, tok, GREEDY, mode="chat")
+        first = s.prompt_ids("hello")
+        s.model = Rigged(model, {len(first) + 2: stop})
+        g = s.send("hello", 20)
+        assert "".join(g) == g.text and g.finish_reason == "stop" and s.finished
+        s.model = model
+        nxt = s.prompt_ids("more")
+        assert nxt[0] == START_OF_TURN and tok.eos_id not in nxt
+        assert list(s.ctx.recent + s.ctx.pending)[-2:] == [END_OF_TURN] + tok.newline
