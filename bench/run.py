@@ -177,10 +177,12 @@ def main():
     R["runs"] = prev.get("runs", []) + [run]
     log(f"machine: {machine()}")
 
-    bf16 = prepare("2b")
-    models = {"bf16": str(bf16), "int8": str(quantized(bf16, 8)), "q4": str(quantized(bf16, 4))}
-    if not a.quick:  # (--quick: the 2B with an int8 head is left out; small models keep it)
-        models["q4-emb8"] = str(quantized(bf16, 4, embedding_bits=8))
+    needs_2b = {"decode", "versus", "prefill", "prefill_versus", "transformers", "quality"}
+    if only is None or only & needs_2b:
+        bf16 = prepare("2b")
+        models = {"bf16": str(bf16), "int8": str(quantized(bf16, 8)), "q4": str(quantized(bf16, 4))}
+        if not a.quick:  # (--quick: the 2B with an int8 head is left out; small models keep it)
+            models["q4-emb8"] = str(quantized(bf16, 4, embedding_bits=8))
 
     if want("kernels"):
         log("kernels: GB/s of each matvec format, 1 and 2 threads")

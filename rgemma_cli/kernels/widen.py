@@ -31,14 +31,44 @@ def bf16_bits_to_f32(typingctx, u):
     return types.float32(types.uint16), codegen
 
 
+def _host_has_f16c() -> bool:
+    from numba.core import config
+    from .cpu import features
+    return config.CPU_NAME in (None, "host") and features().get("f16c", False)
+
+
+_F16C = _host_has_f16c()
+
+
+def _f16_to_f32_ir(builder, h):
+    """IEEE half bits (i16) -> float, in integer and float ops every target has (F. Giesen's
+    half_to_float): LLVM lowers `fpext half` without F16C to a runtime-library call that Numba's
+    JIT does not link (a segfault under NUMBA_CPU_NAME=generic). Exact for every half value."""
+    i32 = ir.IntType(32)
+    c = lambda v: ir.Constant(i32, v)  # noqa: E731
+    h = builder.zext(h, i32)
+    o = builder.shl(builder.and_(h, c(0x7FFF)), c(13))  # exponent and mantissa, in place
+    e = builder.and_(o, c(0x0F800000))
+    o = builder.add(o, c(0x38000000))  # exponent bias 15 -> 127
+    o = builder.select(builder.icmp_unsigned("==", e, c(0x0F800000)), builder.add(o, c(0x38000000)), o)  # inf / nan
+    # zero / subnormal: value = mantissa * 2^-24, made by a float subtraction
+    sub = builder.fsub(builder.bitcast(builder.add(o, c(0x00800000)), ir.FloatType()),
+                       builder.bitcast(c(0x38800000), ir.FloatType()))
+    f = builder.select(builder.icmp_unsigned("==", e, c(0)), sub, builder.bitcast(o, ir.FloatType()))
+    sign = builder.shl(builder.and_(h, c(0x8000)), c(16))
+    return builder.bitcast(builder.or_(builder.bitcast(f, i32), sign), ir.FloatType())
+
+
 @intrinsic
 def f16_bits_to_f32(typingctx, u):
-    """IEEE half bits (uint16) -> float32 (vcvtph2ps)."""
+    """IEEE half bits (uint16) -> float32: vcvtph2ps where the host has F16C, else integer ops."""
     if u != types.uint16:
         return None
 
     def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        if _F16C:
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return _f16_to_f32_ir(builder, args[0])
 
     return types.float32(types.uint16), codegen
 
