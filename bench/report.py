@@ -66,8 +66,13 @@ def update_cpus(R, path: Path) -> dict:
     ker, vs, pv = R.get("kernels", {}), d.get("vs", {}), R.get("prefill_versus", {})
     fmts = ("f32", "bf16", "int8", "q4")
     dec = R.get("decode", {}).get("variants", {})
+    cpw = [r.get("cpu_per_wall") for r in (ker.get("f32/2", {}), *dec.values()) if r.get("cpu_per_wall")]
+    runs = R.get("runs", [{}])
+    source = ("make bench" + (" --quick" if any(r.get("quick") for r in runs) else "")
+              + (f" (CPU/wall of the 2-thread figures {min(cpw):.2f}-{max(cpw):.2f}: about 2 = both "
+                 "cores ours)" if cpw else ""))
     e = {"cpu": key, "features": " ".join(k for k, v in m.get("features", {}).items() if v),
-         "date": time.strftime("%Y-%m-%d"), "source": "make bench",
+         "date": time.strftime("%Y-%m-%d"), "source": source,
          "probe_gbs": d.get("bw"),
          "kernel_gbs_2t": [ker.get(f"{f}/2", {}).get("best") for f in fmts],
          "variants": ker.get("variants", {}),
@@ -215,6 +220,7 @@ def write_report(R, doc: Path, png: Path, cpus: dict | None = None):
           "head included (`q4`, the default of `--bits 4`), or with an int8 head "
           "(`--embedding-bits 8`: `q4-emb8`); see `rgemma_cli/quantize.py`.\n")
         pos = dec["positions"]
+    if "variants" in dec and pos:
         w("### Decode rate against position in one generation (bf16)\n")
         _head(w, 'position', 'tok/s best', 'tok/s median', 'CPU/wall')
         for p in sorted(pos, key=int):

@@ -160,6 +160,8 @@ def main():
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--only", help="comma-separated phases to run (kernels,decode,versus,prefill,prefill_versus,transformers,quality,perplexity,elementwise,startup,9b); "
                                    "the others are kept from the previous results.json")
+    ap.add_argument("--formats", help="comma-separated 2B formats to run (bf16,int8,q4,q4-emb8; "
+                                      "default all, --quick: all but q4-emb8)")
     ap.add_argument("--max-wait", type=float, default=300.0,
                     help="seconds each phase waits for other processes to leave the cores (default 300)")
     a = ap.parse_args()
@@ -180,9 +182,11 @@ def main():
     needs_2b = {"decode", "versus", "prefill", "prefill_versus", "transformers", "quality"}
     if only is None or only & needs_2b:
         bf16 = prepare("2b")
-        models = {"bf16": str(bf16), "int8": str(quantized(bf16, 8)), "q4": str(quantized(bf16, 4))}
-        if not a.quick:  # (--quick: the 2B with an int8 head is left out; small models keep it)
-            models["q4-emb8"] = str(quantized(bf16, 4, embedding_bits=8))
+        # (--quick: the 2B with an int8 head is left out; small models keep it)
+        formats = a.formats.split(",") if a.formats else ["bf16", "int8", "q4"] + ([] if a.quick else ["q4-emb8"])
+        make = {"bf16": lambda: bf16, "int8": lambda: quantized(bf16, 8), "q4": lambda: quantized(bf16, 4),
+                "q4-emb8": lambda: quantized(bf16, 4, embedding_bits=8)}
+        models = {f: str(make[f]()) for f in formats}
 
     if want("kernels"):
         log("kernels: GB/s of each matvec format, 1 and 2 threads")
@@ -190,7 +194,7 @@ def main():
     if want("decode"):
         log("decode: bf16 / int8 / 4-bit interleaved with bandwidth probes; positions 128..32k")
         R["decode"] = worker("decode", {"models": models, "rounds": rounds, "tokens": tokens,
-                                        "position_model": "bf16"})
+                                        "position_model": None if a.quick else "bf16"})
     if want("versus") and not a.skip_transformers:
         log("versus: rgemma and transformers' bf16 decode alternating round by round, one process")
         R["versus"] = worker("versus", {"reference": models["bf16"], "models": models,
@@ -200,17 +204,17 @@ def main():
         # kernel), and Haswell (what these machines set) when the environment leaves it unset
         settings = {"as set": os.environ.get("OPENBLAS_CORETYPE"), "unset": None}
         if settings["as set"] is None:
-            settings = {"unset": None, "Haswell": "Haswell"}
+            settings = {"unset": None} if a.quick else {"unset": None, "Haswell": "Haswell"}
         R["prefill"] = {}
         for i, (label, value) in enumerate(settings.items()):
             log(f"prefill + sgemm peak, OPENBLAS_CORETYPE {label} ({value})")
             R["prefill"][label] = worker("prefill", {"model": models["bf16"], "tokens": 512,
-                                                     "reps": 2 if a.quick else 3, "memory": i == 0},
+                                                     "reps": 1 if a.quick else 3, "memory": i == 0},
                                          env={"OPENBLAS_CORETYPE": value})
     if want("prefill_versus") and not a.skip_transformers:
         log("prefill_versus: 512-token prefill, transformers bf16 and rgemma alternating, one process")
         R["prefill_versus"] = worker("prefill_versus", {
-            "reference": models["bf16"], "models": {k: models[k] for k in ("bf16", "int8", "q4")},
+            "reference": models["bf16"], "models": {k: models[k] for k in ("bf16", "int8", "q4") if k in models},
             "tokens": 512, "rounds": 1 if a.quick else 2})
     if want("transformers") and not a.skip_transformers:
         # without AVX512-BF16 / AMX torch's bf16 matmul has no bf16 instructions: a 2048-token
@@ -254,6 +258,12 @@ def main():
     run.update(loadavg_end=os.getloadavg(), minutes=(time.time() - t_start) / 60)
     if not prev:
         R["machine"].update(loadavg_end=run["loadavg_end"], bench_minutes=run["minutes"])
+    if a.only and (OUT / "results.json").exists():
+        # another `--only` run may have written its phases since this one started: keep them
+        latest = json.loads((OUT / "results.json").read_text())
+        mine = {k: v for k, v in R.items() if k not in prev or prev[k] is not v}
+        runs = latest.get("runs", []) + [run]
+        R = {**latest, **mine, "runs": runs}
     (OUT / "results.json").write_text(json.dumps(R, indent=1))
     from report import update_cpus, write_report
     cpus = update_cpus(R, CPUS)

@@ -189,6 +189,8 @@ def w_decode(args) -> dict:
 
     # decode rate at positions of one generation: a real 128-token and 2048-token prefill; 4096
     # and 32768 are the 2048-token state advanced by whole windows (see `at_position`)
+    if not args.get("position_model"):
+        return out
     m = models[args["position_model"]]
     W = m.config.attention_window_size
     s128 = m.forward(prompt(m, 128, 1), m.initial_state(), last_only=True)[1]
