@@ -106,7 +106,7 @@ def variant(fmt: str) -> str:
     """The decode (matrix-vector) kernel this CPU runs for weight format `fmt` ("f32",
     "bf16", "f16", "int8", "q4"), for `rgemma bench --quick`."""
     f = features()
-    simd = ("avx512" if f.get("avx512f") else "avx2" if f.get("avx2") else "sse/neon") if ISA else "portable"
+    simd = ("avx512" if f.get("avx512f") else "avx2") if ISA else "portable"
     if fmt in ("f32", "bf16", "f16"):
         widen = {"f32": "", "bf16": "bf16 -> f32 by shift, ", "f16": "f16 -> f32 (vcvtph2ps), "}[fmt]
         return f"{widen}f32 fma, compiler-vectorised ({simd})"
