@@ -476,5 +476,6 @@ def write_report(R, doc: Path, png: Path, cpus: dict | None = None):
 if __name__ == "__main__":
     root = Path(__file__).resolve().parent.parent
     R = json.loads((root / "bench" / "out" / "results.json").read_text())
-    write_report(R, root / "docs" / "benchmarks.md", root / "docs" / "bench-throughput.png")
+    cpus = update_cpus(R, root / "bench" / "cpus.json")
+    write_report(R, root / "docs" / "benchmarks.md", root / "docs" / "bench-throughput.png", cpus)
     sys.exit(0)

@@ -262,6 +262,14 @@ def main():
         # another `--only` run may have written its phases since this one started: keep them
         latest = json.loads((OUT / "results.json").read_text())
         mine = {k: v for k, v in R.items() if k not in prev or prev[k] is not v}
+        for k in ("decode", "versus", "prefill_versus", "quality"):
+            # a phase run for some formats (--formats) adds them to the same phase of another run
+            old, new = latest.get(k), mine.get(k)
+            if isinstance(old, dict) and isinstance(new, dict) and "error" not in old and "error" not in new:
+                merged = {**old, **new}
+                if "variants" in old and "variants" in new:
+                    merged["variants"] = {**old["variants"], **new["variants"]}
+                mine[k] = merged
         runs = latest.get("runs", []) + [run]
         R = {**latest, **mine, "runs": runs}
     (OUT / "results.json").write_text(json.dumps(R, indent=1))
