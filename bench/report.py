@@ -73,7 +73,7 @@ def update_cpus(R, path: Path) -> dict:
                  "cores ours)" if cpw else ""))
     e = {"cpu": key, "features": " ".join(k for k, v in m.get("features", {}).items() if v),
          "date": time.strftime("%Y-%m-%d"), "source": source,
-         "probe_gbs": d.get("bw"),
+         "probe_gbs": d.get("bw") or ker.get("read_bandwidth", {}).get("best"),
          "kernel_gbs_2t": [ker.get(f"{f}/2", {}).get("best") for f in fmts],
          "variants": ker.get("variants", {}),
          "decode_fraction": [d.get(v, {}).get("median_frac") for v in ("bf16", "int8", "q4")],
@@ -178,6 +178,13 @@ def write_report(R, doc: Path, png: Path, cpus: dict | None = None):
           "figure below this table is from this run's CPU: "
           f"**{m.get('cpu_described', m.get('cpu', '?'))}**.\n")
         cpu_table(w, cpus)
+        cpw = [r["cpu_per_wall"] for k, r in R.get("kernels", {}).items() if k.endswith("/2")]
+        if cpw and max(cpw) < 1.5:
+            w(f"**This run's figures are not this CPU's capability**: its 2-thread kernels had "
+              f"{max(cpw):.2f} of the 2 cores on average (process CPU time / wall time; load average "
+              f"{m.get('loadavg_start', [0])[0]:.0f} at the start: other processes held the cores and "
+              "the memory bus). They show that every path runs and what each CPU is given "
+              "(variants), not speed; re-run `make bench` on a quiet machine.\n")
     head = len(L)
 
     ker = R.get("kernels", {})
