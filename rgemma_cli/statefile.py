@@ -215,6 +215,10 @@ def check_header(h, version: int, data_len: int):
         ids = h.get(key)
         need(isinstance(ids, list) and len(ids) <= most and all(is_int(t, 0, V - 1) for t in ids),
              f"{key} is not a list of at most {most} token ids in [0, {V})")
+    # every fed token passes through `recent` (decode.step / prefill), so its length pins pos:
+    # a pos rewritten to another value the tensor shapes allow (any pos >= W) is caught here
+    need(len(h["recent"]) == min(h["pos"], HISTORY_KEEP),
+         f"pos {h['pos']} does not match the {len(h['recent'])} recent tokens")
     sampler = h.get("sampler")
     need(isinstance(sampler, dict), "sampler is not an object")
     try:

@@ -81,6 +81,27 @@ def record(kind: str, ok: bool) -> None:
     c["survived"] += bool(ok)
 
 
+def attempt(kind: str, load, check) -> None:
+    """One try: `load()` must raise a one-line RgemmaError, or return something `check`
+    accepts (a correct load); anything else fails the test. Counted by `record`."""
+    from rgemma_cli.errors import RgemmaError
+    try:
+        result = load()
+    except RgemmaError as e:
+        record(kind, "\n" not in str(e))
+        assert "\n" not in str(e), str(e)
+        return
+    except BaseException:
+        record(kind, False)
+        raise
+    try:
+        check(result)
+    except BaseException:
+        record(kind, False)
+        raise
+    record(kind, True)
+
+
 @atexit.register
 def _report():
     if os.environ.get("RGEMMA_FUZZ_REPORT") and _counts:

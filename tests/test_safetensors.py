@@ -108,7 +108,7 @@ def test_trailing_bytes_metadata_and_deep_json_are_refused(tmp_path):
 
 from hypothesis import given  # noqa: E402
 
-from mutations import FUZZ, dumps, mutated, record  # noqa: E402
+from mutations import FUZZ, attempt, dumps, mutated  # noqa: E402
 
 _VALID = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.arange(4, dtype=np.int8),
           "c": np.zeros((0, 2), np.float32), "d": np.arange(3, dtype=np.float16)}
@@ -128,20 +128,10 @@ def test_property_mutated_headers_are_refused_or_read_correctly(tmp_path_factory
     header, blob = _valid_header(d)
     p = d / "m.safetensors"
     _write_raw(p, dumps(data.draw(mutated(header))), blob)
-    try:
-        f = SafetensorsFile(p)
-    except RgemmaError as e:
-        record("safetensors header", "\n" not in str(e))
-        assert "\n" not in str(e)
-        return
-    except BaseException:
-        record("safetensors header", False)
-        raise
-    # accepted: then every tensor is a well-formed view inside the data section
-    for name in f.keys():
-        a = f.tensor(name)
-        assert list(a.shape) == f.header[name]["shape"]
-        if name in _VALID and f.header[name]["data_offsets"] == header[name]["data_offsets"] \
-                and f.dtype(name) == header[name]["dtype"]:
-            assert np.array_equal(a.view(_VALID[name].dtype), _VALID[name])
-    record("safetensors header", True)
+    def check(f):  # accepted: every tensor is a well-formed view inside the data section
+        for name in f.keys():
+            a = f.tensor(name)
+            assert list(a.shape) == f.header[name]["shape"]
+            if name in _VALID and f.header[name] == header[name]:  # untouched: the same values
+                assert np.array_equal(a.view(_VALID[name].dtype), _VALID[name])
+    attempt("safetensors header", lambda: SafetensorsFile(p), check)
