@@ -158,7 +158,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer rounds and tokens (a smoke run)")
     ap.add_argument("--skip-9b", action="store_true", help="skip the 9B-shaped checkpoint (17 GB)")
     ap.add_argument("--skip-transformers", action="store_true")
-    ap.add_argument("--only", help="comma-separated phases to run (kernels,decode,versus,prefill,prefill_versus,transformers,quality,perplexity,elementwise,startup,9b); "
+    ap.add_argument("--only", help="comma-separated phases to run (kernels,decode,versus,prefill,prefill_versus,transformers,quality,perplexity,elementwise,startup,flat,9b); "
                                    "the others are kept from the previous results.json")
     ap.add_argument("--formats", help="comma-separated 2B formats to run (bf16,int8,q4,q4-emb8; "
                                       "default all, --quick: all but q4-emb8)")
@@ -248,6 +248,10 @@ def main():
     if want("startup"):
         log("startup: `rgemma generate -m demo -n 1`, cold and warm Numba cache")
         R["startup"] = worker("startup", {"model": "demo", "reps": 3 if a.quick else 5})
+    if want("flat"):
+        log("flat: tokens/s and RSS at the start and end of a long demo generation")
+        R["flat"] = worker("flat", {"model": "demo", "tokens": 20_000 if a.quick else 100_000,
+                                    "window": 2_000 if a.quick else 10_000})
     if want("9b") and not a.skip_9b:
         try:
             big = prepare("9b")

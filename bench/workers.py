@@ -532,9 +532,9 @@ def w_elementwise(args) -> dict:
 
 def w_flat(args) -> dict:
     """A long generation stays flat (issue 11, item 7): tokens/s and RSS in windows of
-    `window` tokens over `tokens` tokens of the model (the demo by default), sampled, stop
-    tokens ignored, as `rgemma generate` runs it: `kept` False keeps no text or ids (plain
-    `generate`), True keeps them and records the transcript (`--json` / `--save-state`)."""
+    `window` tokens over `tokens` sampled tokens of the model (stop tokens ignored), as
+    `rgemma generate` runs it: plain (keep=False: no ids or text kept) and kept (keep=True,
+    as with --json / --save-state: ids, text and the transcript grow by what they hold)."""
     from rgemma_cli import load
     from rgemma_cli.generation import Session
     from rgemma_cli.sampling import SamplerSettings
@@ -542,34 +542,20 @@ def w_flat(args) -> dict:
     model, tok = load(args["model"])
     n, window = args["tokens"], args["window"]
     out = {"tokens": n, "window": window}
-    for kept in (False, True):
+    for label, keep in (("plain", False), ("kept", True)):
         s = Session(model, tok, SamplerSettings(temperature=0.8, seed=1), mode="raw")
-        kw = {} if kept else {"keep": False}
-        if kept:
-            g = s.send("Once upon a time", n, **kw) if hasattr(s, "send") else None
-        else:
-            g = s.generate(tok.raw_prompt("Once upon a time"), n, stop_ids=(), **kw)
-        if g is None or not kept:
-            pass
-        dec = getattr(s, "decoder", s)
-        marks, start = [], dec._ctx.tokens_seen
-        t0 = time.perf_counter()
+        g = s.generate(s.user_turn("Once upon a time"), n, stop_ids=(), keep=keep)
+        marks, t0 = [], time.perf_counter()
         for _ in g:
-            done = dec._ctx.tokens_seen - start
-            if done >= (len(marks) + 1) * window:
-                marks.append((done, time.perf_counter() - t0, memory()["rss"] * 1e9))
-        if len(marks) < 3:
-            out["kept" if kept else "plain"] = {"error": f"only {len(marks)} windows"}
-            continue
+            if g.generated >= (len(marks) + 1) * window:
+                marks.append((g.generated, time.perf_counter() - t0, memory()["rss"] * 1e9))
         rates = [(b[0] - a[0]) / (b[1] - a[1]) for a, b in zip(marks, marks[1:])]
         (n0, _, rss0), (n1, _, rss1) = marks[0], marks[-1]
-        out["kept" if kept else "plain"] = {
-            "tokens_per_s_first": rates[0], "tokens_per_s_last": rates[-1],
-            "rate_last_over_first": rates[-1] / rates[0],
-            "rss_start_mb": rss0 / 1e6, "rss_end_mb": rss1 / 1e6,
-            "rss_bytes_per_token": (rss1 - rss0) / (n1 - n0), "generated": marks[-1][0]}
+        out[label] = {"tokens_per_s_first": rates[0], "tokens_per_s_last": rates[-1],
+                      "rate_last_over_first": rates[-1] / rates[0],
+                      "rss_start_mb": rss0 / 1e6, "rss_end_mb": rss1 / 1e6,
+                      "rss_bytes_per_token": (rss1 - rss0) / (n1 - n0), "generated": n1}
     return out
-
 
 WORKERS = {"perplexity": w_perplexity, "prefill_versus": w_prefill_versus, "kernels": w_kernels, "decode": w_decode, "prefill": w_prefill, "transformers": w_transformers,
            "versus": w_versus, "quality": w_quality, "big": w_big, "startup": w_startup, "elementwise": w_elementwise, "flat": w_flat}
