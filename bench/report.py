@@ -425,6 +425,22 @@ def write_report(R, doc: Path, png: Path, cpus: dict | None = None):
         _head(w, "cold s", "warm best s", "warm median s", "target: warm < 1.5 s")
         w(f"| {_f(su.get('cold_s'))} | {_f(su.get('warm_best_s'))} | {_f(su.get('warm_median_s'))} | "
           f"{_ok(su.get('warm_median_s', 9) < 1.5)} |\n")
+    fl = R.get("flat")
+    if fl and "error" not in fl and "plain" in fl:
+        w("## A long generation stays flat (issue 11, item 7)\n")
+        w(f"The demo model generating {fl['tokens']:,} sampled tokens (stop tokens ignored) in one "
+          f"call, tokens/s and RSS measured per window of {fl['window']:,} tokens (`bench/run.py "
+          f"--only flat`). plain: as `rgemma generate` (no ids or text kept); kept: as with "
+          f"`--json` / `--save-state` (ids, text and transcript kept: they grow by what they hold).\n")
+        _head(w, "run", "tok/s first window", "tok/s last window", "last / first", "RSS start MB",
+              "RSS end MB", "RSS bytes per token")
+        for k in ("plain", "kept"):
+            r = fl.get(k, {})
+            if "tokens_per_s_first" in r:
+                w(f"| {k} | {_f(r['tokens_per_s_first'], 0)} | {_f(r['tokens_per_s_last'], 0)} | "
+                  f"{_f(r['rate_last_over_first'])} | {_f(r['rss_start_mb'], 1)} | "
+                  f"{_f(r['rss_end_mb'], 1)} | {_f(r['rss_bytes_per_token'], 1)} |")
+        w("")
     w("## What bounds these numbers\n")
     shares = {v: r["share"] for v, r in dec.get("variants", {}).items() if "share" in r}
     if shares:
