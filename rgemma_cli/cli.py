@@ -307,6 +307,76 @@ def generate(
 
 @app.command()
 @_user_errors
+def batch(
+    input_path: Annotated[Path, typer.Argument(
+        metavar="INPUT.jsonl", help="One request per line: a JSON object with \"prompt\" or "
+        "\"messages\", optionally \"id\", \"max_tokens\", \"temperature\", \"top_k\", "
+        "\"top_p\", \"min_p\", \"repeat_penalty\", \"seed\", \"stop\", \"raw\"; '-' "
+        "reads stdin.", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option(
+        "-o", "--output", metavar="OUT.jsonl", help="Write the answers here (default: stdout). "
+        "Requests already answered in it are skipped, so an interrupted run can be resumed.",
+        show_default=False)] = None,
+    model: Model = DEFAULT_MODEL,
+    batch_size: Annotated[int, typer.Option(
+        "-b", "--batch-size", metavar="B", help="Sequences decoded together (each holds one "
+        "model state: ~34 MB for the 2B).")] = 16,
+    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", metavar="N",
+                                            help="Tokens to generate at most per request.")] = 512,
+    temperature: Temperature = None, top_k: TopK = None, top_p: TopP = None, min_p: MinP = None,
+    repeat_penalty: RepeatPenalty = None, repeat_last_n: RepeatLastN = None, seed: Seed = None,
+    stop: Annotated[Optional[list[str]], typer.Option(
+        "--stop", metavar="TEXT", help="Stop when this text appears (not printed); repeatable.",
+        show_default=False)] = None,
+    chat: Annotated[Optional[bool], typer.Option(
+        "--chat/--raw", help="Wrap prompts in the chat template, or not (a request's \"raw\" "
+        "decides for it). [default: chat for -it models and demo, raw otherwise]",
+        show_default=False)] = None,
+    system: System = None,
+    quiet: Quiet = False,
+):
+    """Answer a file of requests, many decoded together; one JSON line out per request, in
+    input order: id, text, finish_reason, prompt_tokens, completion_tokens, seed (or error).
+    Each answer equals `rgemma generate` on that request alone with the same settings."""
+    from .batchrun import run_batch
+
+    overrides = _sampler_overrides(max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   min_p=min_p, repeat_penalty=repeat_penalty,
+                                   repeat_last_n=repeat_last_n, seed=seed)
+    if batch_size < 1:
+        raise RgemmaError(f"--batch-size must be >= 1, got {batch_size}")
+    lines = _read_jsonl(input_path)
+    if output is not None and output.is_dir():
+        raise RgemmaError(f"cannot write to {output}: it is a directory")
+    if output is not None and not output.parent.is_dir():
+        raise RgemmaError(f"cannot write to {output}: directory {output.parent} does not exist")
+    m, tok = load_model(model, quiet)
+    use_chat = chat if chat is not None else _is_chat_model(model)
+    done = run_batch(m, tok, lines, output, batch_size=batch_size, settings=overrides,
+                     max_tokens=max_tokens, stop=tuple(stop or ()), chat=use_chat, system=system,
+                     progress=not quiet)
+    if not done:
+        raise typer.Exit(130)
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    """The lines of a UTF-8 file ('-': stdin)."""
+    try:
+        data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+    except FileNotFoundError:
+        raise RgemmaError(f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise RgemmaError(f"{path} is a directory, not a JSONL file") from None
+    except OSError as e:
+        raise RgemmaError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise RgemmaError(f"{path} is not valid UTF-8 (byte {e.start})") from None
+
+
+@app.command()
+@_user_errors
 def chat(
     model: Model = None,
     max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", metavar="N",

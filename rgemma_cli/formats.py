@@ -12,7 +12,8 @@ kernel reads it. Every matrix stays in its stored format; nothing is widened to 
                 nibble and weight j + G/2 in its high nibble
 
 Each format answers the same three questions, so `linear` never asks which format it holds:
-`matvec(x, b, y)` (decode: y = W x + b streaming W once), `widen(lo, hi, out)` (prefill: rows
+`matvec(x, b, y)` (decode: y = W x + b streaming W once; `matmat` for B rows of a batched step,
+each row as `matvec` computes it), `widen(lo, hi, out)` (prefill: rows
 lo:hi as float32 for sgemm) and `describe()` (for people: `rgemma info`). How an int8 / 4-bit
 checkpoint stores them on disk: `quantize`. The kernels: `kernels.matvec`, `kernels.widen`.
 """
@@ -42,6 +43,12 @@ class Weight:
 
     def matvec(self, x: np.ndarray, b: np.ndarray | None, y: np.ndarray) -> None:
         """y (out,) float32 = W x + b for x (in,) float32 and b (out,) float32 or None."""
+        raise NotImplementedError
+
+    def matmat(self, x: np.ndarray, b: np.ndarray | None, y: np.ndarray) -> None:
+        """y (B, out) float32 = x W^T + b for x (B, in) float32, one row per sequence of a
+        batched decode step: W is streamed once for all rows, and y[i] equals `matvec(x[i], b,
+        .)` bit for bit (the same per-row kernel code; batch invariance)."""
         raise NotImplementedError
 
     def widen(self, lo: int = 0, hi: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
@@ -76,6 +83,9 @@ class F32Weight(_Dense):
     def matvec(self, x, b, y):
         mv.matvec(self.a, x, _NO_BIAS if b is None else b, y)
 
+    def matmat(self, x, b, y):
+        mv.matmat(self.a, x, _NO_BIAS if b is None else b, y)
+
     def widen(self, lo=0, hi=None, out=None):
         if out is None:
             return self.a[lo:hi]
@@ -90,6 +100,9 @@ class BF16Weight(_Dense):
     def matvec(self, x, b, y):
         mv.matvec(self.a, x, _NO_BIAS if b is None else b, y)
 
+    def matmat(self, x, b, y):
+        mv.matmat(self.a, x, _NO_BIAS if b is None else b, y)
+
     def widen(self, lo=0, hi=None, out=None):
         block = self.a[lo:hi]
         out = np.empty(block.shape, np.float32) if out is None else out
@@ -103,6 +116,9 @@ class BF16Weight(_Dense):
 class F16Weight(_Dense):
     def matvec(self, x, b, y):
         mv.matvec_f16(self.a.view(np.uint16), x, _NO_BIAS if b is None else b, y)
+
+    def matmat(self, x, b, y):
+        mv.matmat_f16(self.a.view(np.uint16), x, _NO_BIAS if b is None else b, y)
 
     def widen(self, lo=0, hi=None, out=None):
         block = self.a[lo:hi]
@@ -128,6 +144,9 @@ class Int8Weight(Weight):
 
     def matvec(self, x, b, y):
         mv.matvec_i8(self.q, self.scale, x, _NO_BIAS if b is None else b, y)
+
+    def matmat(self, x, b, y):
+        mv.matmat_i8(self.q, self.scale, x, _NO_BIAS if b is None else b, y)
 
     def widen(self, lo=0, hi=None, out=None):
         q, s = self.q[lo:hi], self.scale[lo:hi]
@@ -159,6 +178,9 @@ class Int4Weight(Weight):
 
     def matvec(self, x, b, y):
         mv.matvec_q4(self.packed, self.scale, x, _NO_BIAS if b is None else b, y)
+
+    def matmat(self, x, b, y):
+        mv.matmat_q4(self.packed, self.scale, x, _NO_BIAS if b is None else b, y)
 
     def widen(self, lo=0, hi=None, out=None):
         p, s = self.packed[lo:hi], self.scale[lo:hi]

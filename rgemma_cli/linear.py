@@ -77,6 +77,18 @@ def matvec(w, x: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
     return y
 
 
+def batched_linear(x: np.ndarray, w, b: np.ndarray | None = None) -> np.ndarray:
+    """y = x @ w.T + b for x (B, in) float32: one row per sequence of a batched decode step.
+
+    Streams w once for all B rows, and row i equals `matvec(w, x[i], b)` bit for bit whatever
+    the other rows are (batch invariance: `kernels.matvec.matmat`). Returns (B, out) float32."""
+    blas_threads(1)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.empty((x.shape[0], w.shape[0]), np.float32)
+    as_weight(w).matmat(x, b, y)
+    return y
+
+
 def widen_rows(w, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
     """Rows lo:hi of w as float32 (into `out` if given), serially: no thread pool is woken."""
     return as_weight(w).widen(lo, hi, out)
@@ -141,3 +153,16 @@ def block_diagonal(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
     w = bf16_to_f32(w) if w.dtype == np.uint16 else np.asarray(w, np.float32)
     xb = x.reshape(x.shape[0], H, n).transpose(1, 0, 2)  # (H, T, bw)
     return (np.matmul(xb, w).transpose(1, 0, 2) + b.reshape(H, m)).reshape(x.shape[0], H * m)
+
+
+def batched_block_diagonal(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`block_diagonal` for x (B, H*bw) holding one row per sequence of a batched decode step:
+    row i equals `block_diagonal(x[i:i+1], w, b)` bit for bit. Returns (B, H*bw_out) float32."""
+    H, n, m = w.shape
+    if w.dtype not in (np.float32, np.uint16) or not w.flags.c_contiguous:
+        return np.concatenate([block_diagonal(row[None], w, b) for row in x])
+    blas_threads(1)
+    y = np.empty((x.shape[0], H * m), np.float32)
+    kernels.block_diagonal_rows(np.ascontiguousarray(x, np.float32), w,
+                                np.ascontiguousarray(b, np.float32).reshape(H, m), y)
+    return y

@@ -20,7 +20,7 @@ import numpy as np
 from .config import ATTENTION, RECURRENT, ModelConfig
 from .errors import RgemmaError
 from .kernels.sequence import local_attention_kernel, rg_lru_scan
-from .linear import block_diagonal, embed, linear
+from .linear import batched_block_diagonal, batched_linear, block_diagonal, embed, linear
 from .state import AttentionState, RecurrentState, State
 from .weights import (RGLRU, AttentionBlock, Conv1D, GriffinWeights, MLPBlock, RecurrentBlock,
                       ResidualBlock, sanitize)
@@ -263,3 +263,85 @@ class Griffin:
         x = rms_norm(x, p.final_norm, cfg.rms_norm_eps)
         cap = np.float32(cfg.logits_soft_cap)
         return np.tanh(linear(x, p.lm_head) / cap) * cap, new_state
+
+    def forward_batch(self, token_ids, states, *, donate: bool = False):
+        """One decode step of B independent sequences at once: sequence i feeds token_ids[i]
+        on top of states[i] (each at its own position, with its own rings).
+
+        token_ids: (B,) ints; states: B `State`s. Returns (logits (B, vocab) float32, list of
+        B new States). Row i is bit for bit `forward([token_ids[i]], states[i],
+        last_only=True)` whatever the other rows are (batch invariance): the linear layers
+        stream each weight once for all B rows (`batched_linear`), computing every row as the
+        one-row kernel does; conv1d, the RG-LRU scan and attention run per sequence. With
+        `donate` the new states reuse the inputs' rings (see `forward`). Raises RgemmaError
+        for a token id out of range or a count mismatch.
+        """
+        cfg, p = self.config, self.params
+        tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        states = list(states)
+        B = tokens.size
+        if B == 0 or B != len(states):
+            raise RgemmaError(f"forward_batch() needs one token per state, got {B} tokens for "
+                              f"{len(states)} states")
+        if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
+            raise RgemmaError(f"token id out of range for a vocabulary of {cfg.vocab_size}")
+        chunks = [Chunk.at(s.pos, 1, cfg) for s in states]
+        pos = np.array([s.pos for s in states], dtype=np.int64)
+        lin = lambda x, m: batched_linear(x, m.weight, m.bias)  # noqa: E731
+        x = embed(p.embed_tokens, tokens) * np.float32(cfg.embed_scale)
+        new_layers = [[] for _ in range(B)]
+        for li, w in enumerate(p.layers):
+            xn = rms_norm(x, w.temporal_pre_norm, cfg.rms_norm_eps)
+            t = w.temporal_block
+            if w.kind == ATTENTION:
+                q, k, v = lin(xn, t.q_proj), lin(xn, t.k_proj), lin(xn, t.v_proj)
+                out = np.empty((B, q.shape[1]), np.float32)
+                for i, st in enumerate(states):
+                    s = st.layers[li]
+                    W, kvh, hd = s.k.shape
+                    c = chunks[i]
+                    qi = rope(q[i].reshape(1, -1, hd), c.angles)
+                    ki = rope(k[i].reshape(1, kvh, hd), c.angles)
+                    vi = v[i].reshape(1, kvh, hd)
+                    o = local_attention_kernel(np.ascontiguousarray(qi, dtype=np.float32), c.pos,
+                                               s.k, s.v, c.slots, np.ascontiguousarray(ki),
+                                               np.ascontiguousarray(vi), W, 1.0 / math.sqrt(hd))
+                    out[i] = o.reshape(-1)
+                    nk, nv = (s.k, s.v) if donate else (s.k.copy(), s.v.copy())
+                    nk[c.pos % W], nv[c.pos % W] = ki, vi
+                    new_layers[i].append(AttentionState(nk, nv))
+                o = lin(out, t.o_proj)
+            else:
+                y = gelu_tanh(lin(xn, t.linear_y))
+                u = lin(xn, t.linear_x)
+                c = np.empty_like(u)
+                convs = []
+                for i, st in enumerate(states):
+                    ci, conv = conv1d(u[i:i + 1], st.layers[li].conv, t.conv_1d)
+                    c[i] = ci[0]
+                    convs.append(conv)
+                g = t.rg_lru  # rg_lru's coefficients, its gates batched
+                gate_x = sigmoid(batched_block_diagonal(c, g.input_gate_weight, g.input_gate_bias))
+                gate_a = sigmoid(batched_block_diagonal(c, g.recurrent_gate_weight,
+                                                        g.recurrent_gate_bias))
+                log_a = np.float32(-8.0) * gate_a * g.softplus_recurrent_param
+                a = np.exp(log_a)
+                multiplier = np.sqrt(1.0 - np.exp(2.0 * log_a))
+                reset = pos == 0
+                a[reset] = 0.0
+                multiplier[reset] = 1.0
+                a, xin = a.astype(np.float32), (c * gate_x * multiplier).astype(np.float32)
+                h = np.empty_like(c)
+                for i, st in enumerate(states):
+                    h[i] = rg_lru_scan(a[i:i + 1], xin[i:i + 1], st.layers[li].h)[0]
+                    new_layers[i].append(RecurrentState(h[i].copy(), np.ascontiguousarray(
+                        convs[i], dtype=np.float32)))
+                o = lin(h * y, t.linear_out)
+            r = x + o
+            m = w.mlp_block
+            rn = rms_norm(r, w.channel_pre_norm, cfg.rms_norm_eps)
+            x = r + lin(gelu_tanh(lin(rn, m.gate_proj)) * lin(rn, m.up_proj), m.down_proj)
+        x = rms_norm(x, p.final_norm, cfg.rms_norm_eps)
+        cap = np.float32(cfg.logits_soft_cap)
+        logits = np.tanh(batched_linear(x, p.lm_head) / cap) * cap
+        return logits, [State(s.pos + 1, tuple(n)) for s, n in zip(states, new_layers)]

@@ -243,3 +243,126 @@ def block_diagonal_vec(x, w, b, y):
         yh = y[h * m:(h + 1) * m]
         yh[:] = b[h]
         _vec_mat_acc(x[h * n:(h + 1) * n], w[h], yh)
+
+
+# -- batched decode: Y = X W^T for B rows, each row exactly as `matvec` computes it -----------
+#
+# Each weight row is dotted with every row of X by the very helpers `matvec` uses (`_dot`,
+# `_dot4`, `_dot_i8`, `_q4_row_dot`, compiled once per signature), so a row's result does not
+# depend on B or on the other rows: bit for bit the same as `matvec` on that row alone (batch
+# invariance, tested). A block of weight rows stays in L2 while every row of X passes over it,
+# so the weights are streamed from memory once per call for all B rows.
+
+_ROW_BLOCK_BYTES = 64 << 10  # weight bytes per block of rows (half of L2 on small cores)
+
+
+@njit(**_opts)
+def _block_rows(rows, row_bytes, multiple):
+    """Rows per block: ~_ROW_BLOCK_BYTES of weights, a multiple of `multiple`, at least one."""
+    n = max(1, _ROW_BLOCK_BYTES // max(1, row_bytes))
+    return max(multiple, n - n % multiple)
+
+
+@njit(parallel=True, **_opts)
+def matmat(w, X, b, Y):
+    """Y[j] = W X[j] + b for every row j of X (B, in); f32 or bf16 (uint16 bits) W (out, in).
+    Each Y[j] equals `matvec(w, X[j], b, .)` bit for bit."""
+    rows, B = w.shape[0], X.shape[0]
+    if X.shape[1] <= _WIDE_INPUT:
+        blk = _block_rows(rows, w.shape[1] * w.itemsize, 1)
+        for t in prange((rows + blk - 1) // blk):
+            for j in range(B):
+                x, y = X[j], Y[j]
+                for r in range(t * blk, min(rows, (t + 1) * blk)):
+                    y[r] = _dot(w[r], x) + _bias(b, r)
+    else:  # as `matvec`: four rows per pass, the last rows % 4 one at a time
+        blk = _block_rows(rows, w.shape[1] * w.itemsize, 4)
+        full = rows - rows % 4
+        for t in prange((full + blk - 1) // blk):
+            for j in range(B):
+                x, y = X[j], Y[j]
+                for r in range(t * blk, min(full, (t + 1) * blk), 4):
+                    d0, d1, d2, d3 = _dot4(w[r], w[r + 1], w[r + 2], w[r + 3], x)
+                    y[r], y[r + 1] = d0 + _bias(b, r), d1 + _bias(b, r + 1)
+                    y[r + 2], y[r + 3] = d2 + _bias(b, r + 2), d3 + _bias(b, r + 3)
+        for j in range(B):
+            for r in range(full, rows):
+                Y[j, r] = _dot(w[r], X[j]) + _bias(b, r)
+
+
+@njit(parallel=True, **_opts)
+def matmat_f16(w, X, b, Y):
+    """`matmat` for f16 (uint16 bits) W; each row as `matvec_f16`."""
+    rows, B = w.shape[0], X.shape[0]
+    blk = _block_rows(rows, w.shape[1] * 2, 1)
+    for t in prange((rows + blk - 1) // blk):
+        for j in range(B):
+            x, y = X[j], Y[j]
+            for r in range(t * blk, min(rows, (t + 1) * blk)):
+                y[r] = _dot_f16(w[r], x) + _bias(b, r)
+
+
+@njit(**_opts)
+def _quantize_rows_i16(X):
+    """`quantize_i16` of every row of X (B, in): (int16 (B, in), scales (B,))."""
+    B = X.shape[0]
+    x16 = np.empty(X.shape, np.int16)
+    xscale = np.empty(B, np.float32)
+    for j in range(B):
+        q, s = quantize_i16(X[j])
+        x16[j] = q
+        xscale[j] = s
+    return x16, xscale
+
+
+@njit(parallel=True, **_opts)
+def matmat_i8(w, scale, X, b, Y):
+    """`matmat` for int8 W (per-row scales); each row as `matvec_i8`."""
+    x16, xscale = _quantize_rows_i16(X)
+    rows, B = w.shape[0], X.shape[0]
+    blk = _block_rows(rows, w.shape[1], 1)
+    for t in prange((rows + blk - 1) // blk):
+        for j in range(B):
+            xj, y, sj = x16[j], Y[j], xscale[j]
+            for r in range(t * blk, min(rows, (t + 1) * blk)):
+                y[r] = _dot_i8(w[r], xj) * (scale[r] * sj) + _bias(b, r)
+
+
+@njit(**_opts)
+def _quantize_rows_groups_i8(X, group):
+    """`quantize_groups_i8` of every row of X (B, in)."""
+    B, n = X.shape[0], X.shape[1] // group
+    xq = np.empty(X.shape, np.int8)
+    xscale, xcorr = np.empty((B, n), np.float32), np.empty((B, n), np.float32)
+    for j in range(B):
+        q, s, c = quantize_groups_i8(X[j], group)
+        xq[j], xscale[j], xcorr[j] = q, s, c
+    return xq, xscale, xcorr
+
+
+@njit(parallel=True, **_opts)
+def matmat_q4(packed, scale, X, b, Y):
+    """`matmat` for 4-bit W; each row as `matvec_q4`."""
+    xq, xscale, xcorr = _quantize_rows_groups_i8(X, X.shape[1] // scale.shape[1])
+    rows, B = packed.shape[0], X.shape[0]
+    blk = _block_rows(rows, packed.shape[1] + 2 * scale.shape[1], 1)
+    for t in prange((rows + blk - 1) // blk):
+        cs = np.empty(scale.shape[1], np.float32)
+        for j in range(B):
+            xqj, xsj, xcj, y = xq[j], xscale[j], xcorr[j], Y[j]
+            for r in range(t * blk, min(rows, (t + 1) * blk)):
+                corr = _combined_scales(scale[r], xsj, xcj, cs)
+                y[r] = _q4_row_dot(packed[r], xqj, cs) - corr + _bias(b, r)
+
+
+@njit(parallel=True, **_opts)
+def block_diagonal_rows(X, w, b, Y):
+    """`block_diagonal_vec` for every row of X (B, H*bw_in) into Y (B, H*bw_out), each row bit
+    for bit as `block_diagonal_vec` computes it alone."""
+    H, n, m = w.shape
+    for h in prange(H):
+        for j in range(X.shape[0]):
+            x, y = X[j], Y[j]  # 1-d views, sliced as `block_diagonal_vec` slices its arguments
+            yh = y[h * m:(h + 1) * m]
+            yh[:] = b[h]
+            _vec_mat_acc(x[h * n:(h + 1) * n], w[h], yh)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "docs" / "usage.md"
-COMMANDS = [[], ["generate"], ["chat"], ["serve"], ["download"], ["info"], ["quantize"], ["state"]]
+COMMANDS = [[], ["generate"], ["batch"], ["chat"], ["serve"], ["download"], ["info"], ["quantize"], ["state"]]
 
 
 def help_text(args: list[str]) -> str:

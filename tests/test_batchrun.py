@@ -1,0 +1,116 @@
+"""`rgemma batch` (issue 14 item 3): every answer equals `rgemma generate` on that request
+alone; bad lines get an error object; an interrupted run keeps its finished lines and a rerun
+skips them."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from rgemma_cli import cli, engine
+
+runner = CliRunner()
+
+REQUESTS = [
+    ({"id": "greedy-chat", "prompt": "Hello there", "max_tokens": 9, "temperature": 0},
+     ["-n", 9, "-t", 0, "Hello there"]),
+    ({"id": "seeded-chat", "prompt": "Tell me", "max_tokens": 12, "seed": 5, "temperature": 1.1,
+      "top_k": 20, "top_p": 0.9, "min_p": 0.02, "repeat_penalty": 1.2},
+     ["-n", 12, "-s", 5, "-t", 1.1, "--top-k", 20, "--top-p", 0.9, "--min-p", 0.02,
+      "--repeat-penalty", 1.2, "Tell me"]),
+    ({"prompt": "Once upon", "raw": True, "max_tokens": 10, "temperature": 0, "stop": ["e"]},
+     ["--raw", "-n", 10, "-t", 0, "--stop", "e", "Once upon"]),
+    ({"id": 7, "prompt": "Once upon", "raw": True, "max_tokens": 11, "seed": 3},
+     ["--raw", "-n", 11, "-s", 3, "Once upon"]),
+    ({"id": "msg", "messages": [{"role": "system", "content": "Be short"},
+                                {"role": "user", "content": "Hi"}], "max_tokens": 8, "seed": 1},
+     ["-n", 8, "-s", 1, "--system", "Be short", "Hi"]),
+]
+
+
+def rg(*args, input=None, code=0):
+    r = runner.invoke(cli.app, [str(a) for a in args], input=input)
+    assert r.exit_code == code, (r.stdout, r.stderr, r.exception)
+    return r
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_batch_equals_generate_alone(tiny_model_dir, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r, _ in REQUESTS) + "\n\n")
+    out = rg("batch", "-m", tiny_model_dir, "-b", 2, "-q", src).stdout.splitlines()
+    assert len(out) == len(REQUESTS)
+    for line, (req, flags) in zip(out, REQUESTS):
+        got = json.loads(line)
+        want = json.loads(rg("generate", "-m", tiny_model_dir, "--json", "-q", *flags).stdout)
+        assert got["id"] == req.get("id", REQUESTS.index((req, flags)) + 1)
+        assert (got["text"], got["finish_reason"], got["prompt_tokens"], got["completion_tokens"]) == \
+            (want["text"], want["finish_reason"], want["prompt_tokens"], want["generated_tokens"])
+        if "seed" in req:
+            assert got["seed"] == req["seed"]
+
+
+def test_flags_are_the_defaults(tiny_base_dir, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "Hello"}) + "\n" + json.dumps({"prompt": "Hello", "max_tokens": 3}))
+    a, b = [json.loads(l) for l in rg("batch", "-m", tiny_base_dir, "-n", 6, "-s", 11, "-q", src).stdout.splitlines()]
+    want = json.loads(rg("generate", "-m", tiny_base_dir, "--json", "-q", "-n", 6, "-s", 11, "Hello").stdout)
+    assert a["text"] == want["text"] and a["seed"] == 11 and a["completion_tokens"] == 6
+    assert b["completion_tokens"] == 3
+
+
+def test_bad_lines_get_errors_and_the_rest_proceed(tiny_model_dir, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "Hi", "max_tokens": 2}\nnot json\n{"id": "t", "prompt": "Hi", '
+                   '"temperature": -1}\n[1, 2]\n{"id": "ok", "prompt": "Hi", "max_tokens": 2}\n'
+                   '{"id": "ok", "prompt": "again"}\n')
+    out = [json.loads(l) for l in rg("batch", "-m", tiny_model_dir, "-q", src).stdout.splitlines()]
+    assert [o["id"] for o in out] == [1, 2, "t", 4, "ok", "ok"]
+    assert ["error" in o for o in out] == [False, True, True, True, False, True]
+    assert "temperature" in out[2]["error"]["message"] and "duplicate" in out[5]["error"]["message"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/nonexistent.jsonl"], "no such file"),
+    (["IN", "-b", "0"], "--batch-size"),
+    (["IN", "-t", "-1"], "--temperature"),
+    (["IN", "-o", "/nonexistent/dir/out.jsonl"], "does not exist"),
+])
+def test_refusals(tiny_model_dir, tmp_path, args, message):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "Hi"}\n')
+    r = rg("batch", "-m", tiny_model_dir, *[src if a == "IN" else a for a in args], code=1)
+    assert r.stderr.startswith("error: ") and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_interrupt_keeps_finished_lines_and_rerun_skips_them(tiny_model_dir, tmp_path, monkeypatch):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    reqs = [{"id": f"r{i}", "prompt": f"Hello {i}", "max_tokens": 2 + 3 * i, "seed": i} for i in range(5)]
+    src.write_text("\n".join(json.dumps(r) for r in reqs))
+    full = [json.loads(l) for l in rg("batch", "-m", tiny_model_dir, "-q", "-b", 5, src).stdout.splitlines()]
+
+    real_step, calls = engine.Engine.step, []
+
+    def step(self):  # Ctrl-C after the 6th step: the short requests are done, the long are not
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(engine.Engine, "step", step)
+    rg("batch", "-m", tiny_model_dir, "-q", "-b", 5, "-o", dst, src, code=130)
+    kept = _lines(dst)
+    assert 0 < len(kept) < len(reqs)
+    assert all(k in full for k in kept)
+
+    monkeypatch.setattr(engine.Engine, "step", real_step)
+    submitted = []
+    real_submit = engine.Engine.submit
+    monkeypatch.setattr(engine.Engine, "submit",
+                        lambda self, r: submitted.append(r.id) or real_submit(self, r))
+    rg("batch", "-m", tiny_model_dir, "-q", "-b", 5, "-o", dst, src)
+    assert _lines(dst) == full  # complete, in input order
+    assert sorted(submitted) == sorted(set(r["id"] for r in reqs) - {k["id"] for k in kept})
