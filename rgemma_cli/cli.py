@@ -64,6 +64,9 @@ SaveState = Annotated[Optional[Path], typer.Option(
     show_default=False)]
 Resume = Annotated[Optional[Path], typer.Option(
     "--resume", metavar="PATH", help="Continue from a saved state file.", show_default=False)]
+Stop = Annotated[Optional[list[str]], typer.Option(
+    "--stop", metavar="TEXT", help="Stop when this text appears (not printed); repeatable.",
+    show_default=False)]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No stats or progress on stderr.")]
 Special = Annotated[bool, typer.Option(
     "--special", help="Let text spell control tokens (<start_of_turn>, <eos>, ...) and print the "
@@ -249,9 +252,7 @@ def generate(
                                             "many times with --resume).")] = 512,
     temperature: Temperature = None, top_k: TopK = None, top_p: TopP = None, min_p: MinP = None,
     repeat_penalty: RepeatPenalty = None, repeat_last_n: RepeatLastN = None, seed: Seed = None,
-    stop: Annotated[Optional[list[str]], typer.Option(
-        "--stop", metavar="TEXT", help="Stop when this text appears (not printed); repeatable.",
-        show_default=False)] = None,
+    stop: Stop = None,
     chat: Annotated[Optional[bool], typer.Option(
         "--chat/--raw", help="Wrap the prompt in the chat template, or not. [default: chat for "
         "chat models (see `rgemma info`), raw otherwise; a resumed state keeps its mode]",
@@ -325,9 +326,7 @@ def batch(
                                             help="Tokens to generate at most per request.")] = 512,
     temperature: Temperature = None, top_k: TopK = None, top_p: TopP = None, min_p: MinP = None,
     repeat_penalty: RepeatPenalty = None, repeat_last_n: RepeatLastN = None, seed: Seed = None,
-    stop: Annotated[Optional[list[str]], typer.Option(
-        "--stop", metavar="TEXT", help="Stop when this text appears (not printed); repeatable.",
-        show_default=False)] = None,
+    stop: Stop = None,
     chat: Annotated[Optional[bool], typer.Option(
         "--chat/--raw", help="Wrap prompts in the chat template, or not (a request's \"raw\" "
         "decides for it). [default: chat for -it models and demo, raw otherwise]",

@@ -135,7 +135,8 @@ class Sequence:
 
 
 class Engine:
-    """A model serving many sequences at once (see the module docstring).
+    """A model serving many sequences at once (see the module docstring). Not thread-safe:
+    call `submit`, `step` and `cancel` from one thread (a server runs the loop in one worker).
 
     max_batch: sequences decoded together at most (each holds one model state, ~34 MB for the
     2B); prefill_chunk: prompt tokens read per step. The default, `model.CHUNK`, reads a prompt
