@@ -350,7 +350,7 @@ def batch(
     if output is not None and not output.parent.is_dir():
         raise RgemmaError(f"cannot write to {output}: directory {output.parent} does not exist")
     m, tok = load_model(model, quiet)
-    use_chat = chat if chat is not None else _is_chat_model(model)
+    use_chat = chat if chat is not None else m.card.chat
     done = run_batch(m, tok, lines, output, batch_size=batch_size, settings=overrides,
                      max_tokens=max_tokens, stop=tuple(stop or ()), chat=use_chat, system=system,
                      progress=not quiet)
