@@ -70,6 +70,10 @@ class ChatUI:
                 self.readline = readline
             except ImportError:
                 pass
+        try:  # bytes that are not UTF-8 become lone surrogates, refused per message, not fatal
+            sys.stdin.reconfigure(errors="surrogateescape")
+        except (AttributeError, ValueError, OSError):
+            pass
         self.console.print(f"[bold]rgemma chat[/] · {escape(self.model_name)} · /help for "
                            f"commands, Ctrl-D to exit")
         self.replay()
@@ -96,7 +100,10 @@ class ChatUI:
                 except RgemmaError as e:
                     self.console.print(f"[red]error:[/] {escape(str(e))}")
                 continue
-            self.turn(text)
+            try:
+                self.turn(text)
+            except RgemmaError as e:  # e.g. a message that is not UTF-8: not sent, chat goes on
+                self.console.print(f"[red]error:[/] {escape(str(e))}")
 
     def prompt(self, text: str) -> str:
         """input() with a prompt readline can measure: colour codes are wrapped in \\001 and
@@ -146,9 +153,10 @@ class ChatUI:
         """Send one message and print the reply as it streams (the session records it); Ctrl-C
         stops the reply, not the chat."""
         s = self.session
-        self.turns.append(Turn(s.ctx, len(s.transcript), text))
+        before = Turn(s.ctx, len(s.transcript), text)
+        g = s.send(text, self.max_tokens, system=self.system)  # raises first if text is bad
+        self.turns.append(before)
         del self.turns[:-MAX_SNAPSHOTS]
-        g = s.send(text, self.max_tokens, system=self.system)
         out = sys.stdout
         try:
             for piece in g:
@@ -275,7 +283,7 @@ class ChatUI:
             self.console.print(f"[red]error:[/] {escape(str(e))}")
             return
         if not quiet:
-            self.console.print(f"[dim](saved {escape(str(path))}, {size / 1e6:.2f} MB)[/]")
+            self.console.print(f"[dim](saved {escape(str(path))}, {size / 2**20:.2f} MiB)[/]")
 
     def load(self, path: Path) -> None:
         """/load: switch to a saved conversation of the same model and show it. As with

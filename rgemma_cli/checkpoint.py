@@ -62,7 +62,7 @@ def _from_hub(repo_id: str, tqdm_class=None) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=NEEDED_FILES, tqdm_class=tqdm_class))
     except hf.GatedRepoError:
         raise RgemmaError(f"{repo_id} is gated: accept its licence at {licence} and set HF_TOKEN "
-                          f"(or run `hf auth login`); `-m demo` works offline") from None
+                          f"(or run `hf auth login`); the model `demo` works offline") from None
     except hf.RepositoryNotFoundError:
         raise RgemmaError(f"unknown model {repo_id}: no such repo on the Hugging Face Hub (if it is "
                           f"private or gated, set HF_TOKEN or run `hf auth login`)") from None
@@ -71,9 +71,10 @@ def _from_hub(repo_id: str, tqdm_class=None) -> Path:
     except hf.LocalEntryNotFoundError:
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
             raise RgemmaError(f"{repo_id} is not in the local HF cache and HF_HUB_OFFLINE is set: "
-                              f"run `rgemma download {repo_id}` online first, or use `-m demo`") from None
+                              f"run `rgemma download {repo_id}` with network access first (the model `demo` "
+                              f"needs no download)") from None
         raise RgemmaError(f"cannot reach the Hugging Face Hub and {repo_id} is not in the local "
-                          f"cache: check the network, or use `-m demo`") from None
+                          f"cache: check the network (the model `demo` needs none)") from None
     except hf.HfHubHTTPError as e:
         raise RgemmaError(f"{repo_id}: Hub request failed: {str(e).splitlines()[0]}") from None
     except OSError as e:

@@ -24,8 +24,33 @@ DEFAULT_MODEL = "google/recurrentgemma-2b-it"
 _D = SamplerSettings()  # the defaults shown in --help
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None,
+                  rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
                   help="Run RecurrentGemma (Griffin) on a laptop CPU: chat, generate, resumable state.")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+        print(f"rgemma {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option(
+        "--version", callback=_show_version, is_eager=True, help="Print the version and exit.")] = False):
+    """Run RecurrentGemma (Griffin) on a laptop CPU: chat, generate, resumable state."""
+
+
+def _utf8(value, what: str):
+    """A text argument must be valid UTF-8: the OS hands undecodable bytes to Python as lone
+    surrogates (PEP 383), which no tokenizer can encode. Refuse them as a usage error."""
+    for v in ([] if value is None else value if isinstance(value, list) else [value]):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise typer.BadParameter(f"not valid UTF-8 (byte 0x{ord(v[e.start]) & 0xFF:02x} "
+                                     f"at character {e.start}); pass UTF-8 text")
+    return value
 
 # -- options shared by `generate` and `chat` ----------------------------------------------------
 
@@ -58,7 +83,8 @@ Seed = Annotated[Optional[int], typer.Option(
     "-s", "--seed", metavar="SEED", help="Random seed (a random one is chosen and saved with the state).",
     show_default=False)]
 System = Annotated[Optional[str], typer.Option(
-    "--system", metavar="TEXT", help="System prompt (folded into the first user turn).", show_default=False)]
+    "--system", metavar="TEXT", help="System prompt (folded into the first user turn).", show_default=False,
+    callback=lambda v: _utf8(v, "--system"))]
 SaveState = Annotated[Optional[Path], typer.Option(
     "--save-state", metavar="PATH", help="Save the conversation state to PATH when done.",
     show_default=False)]
@@ -66,7 +92,7 @@ Resume = Annotated[Optional[Path], typer.Option(
     "--resume", metavar="PATH", help="Continue from a saved state file.", show_default=False)]
 Stop = Annotated[Optional[list[str]], typer.Option(
     "--stop", metavar="TEXT", help="Stop when this text appears (not printed); repeatable.",
-    show_default=False)]
+    show_default=False, callback=lambda v: _utf8(v, "--stop"))]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No stats or progress on stderr.")]
 Special = Annotated[bool, typer.Option(
     "--special", help="Let text spell control tokens (<start_of_turn>, <eos>, ...) and print the "
@@ -92,7 +118,7 @@ def _user_errors(fn):
             return fn(*args, **kwargs)
         except RgemmaError as e:
             _error(str(e))
-            raise typer.Exit(1)
+            raise typer.Exit(e.exit_code)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise typer.Exit(130)
@@ -186,18 +212,18 @@ def save_state(path: Path | None, session, model_name: str, quiet: bool = False)
     from . import statefile
     size = statefile.save(path, session, name=state_name(model_name))
     if not quiet:
-        print(f"saved state to {path} ({size / 1e6:.2f} MB, {session.ctx.tokens_seen} tokens)",
-              file=sys.stderr)
+        _say(f"saved state to {path} ({size / 2**20:.2f} MiB, "
+             f"{_plural(session.ctx.tokens_seen, 'token')})")
 
 
-def _check_save_path(path: Path | None) -> None:
-    """Refuse an impossible --save-state path before any work is done, not after."""
+def _check_save_path(path: Path | None) -> Path | None:
+    """Refuse an impossible --save-state path before any work is done, not after: a directory,
+    a FIFO or device, a directory that does not exist or cannot be written, a name too long, a
+    file that is not a state file."""
     if path is None:
-        return
-    if path.is_dir():
-        raise RgemmaError(f"cannot save state to {path}: it is a directory")
-    if not path.parent.is_dir():
-        raise RgemmaError(f"cannot save state to {path}: directory {path.parent} does not exist")
+        return None
+    from . import statefile
+    return statefile.check_target(path)
 
 
 def _read_prompt(prompt: str | None, allow_empty: bool) -> str:
@@ -229,10 +255,23 @@ def _peak_rss() -> int:
     return r if sys.platform == "darwin" else r * 1024
 
 
-def _stats(g) -> str:
-    return (f"prompt: {g.prompt_tokens} tokens, {g.prompt_tps:.1f} tok/s | "
-            f"generated: {len(g.tokens)} tokens, {g.gen_tps:.1f} tok/s | "
-            f"peak RSS: {_peak_rss() / 2**20:.0f} MiB")
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def _stats(g, seed: int | None = None) -> str:
+    return (f"prompt: {_plural(g.prompt_tokens, 'token')}, {g.prompt_tps:.1f} tok/s | "
+            f"generated: {_plural(len(g.tokens), 'token')}, {g.gen_tps:.1f} tok/s | "
+            + (f"seed: {seed} | " if seed is not None else "")
+            + f"peak RSS: {_peak_rss() / 2**20:.0f} MiB")
+
+
+def _say(line: str) -> None:
+    """A status line on stderr; a closed stderr (`2>&1 | head`) is no reason to stop."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (BrokenPipeError, ValueError, OSError):
+        pass
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -243,7 +282,7 @@ def generate(
     prompt: Annotated[Optional[str], typer.Argument(
         metavar="PROMPT", help="The prompt. Text piped on stdin comes first, then PROMPT after a "
         "space (`cat doc.txt | rgemma generate 'Summarize:'`); stdin alone when PROMPT is "
-        "omitted or '-'.", show_default=False)] = None,
+        "omitted or '-'.", show_default=False, callback=lambda v: _utf8(v, "PROMPT"))] = None,
     model: Model = None,
     max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", metavar="N",
                                             help="Tokens to generate at most. 0: read the prompt "
@@ -280,6 +319,7 @@ def generate(
     else:
         g = session.resume(max_tokens, stop_strings=stop or ())
     tty = sys.stdout.isatty()
+    broken = False  # the reader of stdout left (`| head`): a normal end, exit 141
     try:
         for piece in g:
             if not as_json:
@@ -287,21 +327,36 @@ def generate(
                 sys.stdout.flush()
     except KeyboardInterrupt:
         session.interrupt(g)
-    if as_json:
-        print(json.dumps({
-            "text": g.text, "tokens": g.tokens, "finish_reason": g.finish_reason,
-            "prompt_tokens": g.prompt_tokens, "generated_tokens": len(g.tokens),
-            "prompt_seconds": round(g.prompt_seconds, 6),
-            "generation_seconds": round(g.gen_seconds, 6),
-            "prompt_tokens_per_second": round(g.prompt_tps, 3),
-            "generation_tokens_per_second": round(g.gen_tps, 3),
-            "peak_rss_bytes": _peak_rss()}, ensure_ascii=False))
-    elif tty and g.text:
-        sys.stdout.write("\n")
-    sys.stdout.flush()
+    except BrokenPipeError:
+        session.interrupt(g)  # keep the state as of the text handed to stdout
+        g.finish_reason, broken = "broken_pipe", True
+    if not broken:
+        try:
+            if as_json:
+                print(json.dumps({
+                    "text": g.text, "tokens": g.tokens, "finish_reason": g.finish_reason,
+                    "prompt_tokens": g.prompt_tokens, "generated_tokens": len(g.tokens),
+                    "seed": session.settings.seed,
+                    "prompt_seconds": round(g.prompt_seconds, 6),
+                    "generation_seconds": round(g.gen_seconds, 6),
+                    "prompt_tokens_per_second": round(g.prompt_tps, 3),
+                    "generation_tokens_per_second": round(g.gen_tps, 3),
+                    "peak_rss_bytes": _peak_rss()}, ensure_ascii=False))
+            elif tty and g.text:
+                sys.stdout.write("\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            broken = True
+    if broken:
+        _broken_pipe()
     if not quiet and not as_json:
-        print(_stats(g), file=sys.stderr)
+        # text not ending in a newline would share its last line with the stats when both reach
+        # one terminal (stdout piped through `cat`, or 2>&1): start the stats on a line of their own
+        glued = not tty and g.text and not g.text.endswith("\n") and (broken or sys.stderr.isatty())
+        _say(("\n" if glued else "") + _stats(g, session.settings.seed))
     save_state(save_state_path, session, model, quiet)
+    if broken:
+        raise typer.Exit(141)
     if g.finish_reason == "interrupted":
         raise typer.Exit(130)
 
@@ -600,14 +655,14 @@ def state_cmd(file: Annotated[Path, typer.Argument(metavar="FILE", help="A state
     s = statefile.load(file)
     cfg = s.config
     lines = [
-        f"file: {file} ({s.size:,} bytes, format v{s.version}, saved {s.created})",
+        f"file: {file} ({_plural(s.size, 'byte')}, format v{s.version}, saved {s.created})",
         f"model: {s.model.get('name') or '?'} (digest {s.model.get('digest', '')[:16]}, "
         f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size})",
         f"tokens seen: {s.ctx.tokens_seen} ({s.ctx.state.pos} fed, {len(s.ctx.pending)} pending)",
         f"mode: {s.mode}",
         "sampler: " + ", ".join(f"{k}={v}" for k, v in s.settings.to_dict().items()),
-        f"transcript: {sum(m['role'] == 'user' for m in s.transcript)} user turns, "
-        f"{len(s.transcript)} messages",
+        f"transcript: {_plural(sum(m['role'] == 'user' for m in s.transcript), 'user turn')}, "
+        f"{_plural(len(s.transcript), 'message')}",
     ]
     for m in s.transcript[-6:]:
         text = " ".join(str(m.get("content", "")).split())
@@ -618,7 +673,36 @@ def state_cmd(file: Annotated[Path, typer.Argument(metavar="FILE", help="A state
 # -- entry point --------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    """The `rgemma` console script. Command-line errors are one line too."""
+    """The `rgemma` console script. Every failure is one line `error: ...` on stderr and a
+    non-zero status: 1 for a user's mistake or bad input, 2 for a malformed command line, 130
+    for Ctrl-C, 141 when the reader of stdout went away (`| head`), as for other Unix tools."""
+    _lenient_stdio()
+    try:
+        return _dispatch(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return _broken_pipe()
+    except RgemmaError as e:
+        _error(str(e))
+        return e.exit_code
+    except OSError as e:  # the environment, not rgemma: a permission, a full disk, a dead device
+        where = f"{e.filename}: " if e.filename else ""
+        _error(f"{where}{e.strerror or e}")
+        return 1
+    except MemoryError:
+        _error("out of memory")
+        return 1
+    except Exception as e:  # a bug; still one line, and the traceback on request
+        if os.environ.get("RGEMMA_DEBUG"):
+            raise
+        _error(f"internal error ({type(e).__name__}: {e}); please report it with the command "
+               f"line (RGEMMA_DEBUG=1 shows the traceback)")
+        return 1
+
+
+def _dispatch(argv) -> int:
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="rgemma", standalone_mode=False)
@@ -633,17 +717,28 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         _error(e.format_message() if hasattr(e, "format_message") else str(e))
         return getattr(e, "exit_code", 2)
-    except RgemmaError as e:
-        _error(str(e))
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        # `rgemma generate ... | head`: the reader left; exit quietly like other Unix tools
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
     return rv if isinstance(rv, int) else 0
+
+
+def _lenient_stdio() -> None:
+    """Bytes that are not UTF-8 must reach our checks, not kill a read: stdin decodes them to
+    lone surrogates (PEP 383, as argv does), which the tokenizer refuses in one line; stdout
+    writes such characters (a file name given on the command line) back as the bytes they were."""
+    for stream in (sys.stdin, sys.stdout):
+        try:
+            stream.reconfigure(errors="surrogateescape")
+        except (AttributeError, ValueError, OSError):
+            pass  # not a text file (a test's stand-in), or already closed
+
+
+def _broken_pipe() -> int:
+    # `rgemma generate ... | head`: the reader left. Point stdout at /dev/null so the final
+    # flush at exit cannot fail again, and exit 141 (128 + SIGPIPE) like other Unix tools.
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    return 141
 
 
 if __name__ == "__main__":

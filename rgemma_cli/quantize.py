@@ -135,8 +135,14 @@ def quantize_checkpoint(src_dir, out_dir, bits: int, *, embedding_bits: int | No
     if "quantization" in config:
         raise RgemmaError(f"{src} is already quantized ({config['quantization']})")
     if out.resolve() == src.resolve():
-        raise RgemmaError("the output directory must differ from the model directory")
-    out.mkdir(parents=True, exist_ok=True)
+        raise RgemmaError(f"{out} is the model's own directory: the output must be another "
+                          f"directory (the same directory would replace the model being read)")
+    if out.exists() and not out.is_dir():
+        raise RgemmaError(f"{out} exists and is not a directory: give a new or existing directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RgemmaError(f"cannot create {out}: {e.strerror or e}") from None
     untied = config.get("tie_word_embeddings") is False  # then lm_head.weight is the head: keep it
     names = [(f, n) for n, f in open_tensors(src).items() if untied or n not in IGNORED]
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import RgemmaError
+from .files import write_atomic  # noqa: F401  (re-exported: writers import it from here)
 from .schema import is_int, parse_json
 
 DTYPES = {
@@ -218,34 +219,3 @@ def write_safetensors(path: str | Path, tensors: dict, metadata: dict | None = N
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
     write_atomic(Path(path), itertools.chain([struct.pack("<Q", len(blob)), blob], *parts))
-
-
-def write_atomic(path: Path, parts) -> None:
-    """Write the byte strings/buffers `parts` to `path` as one atomic replacement: a temp file
-    beside it, fsync, rename, fsync of the directory. On any failure (OSError, Ctrl-C) the temp
-    file is removed, the previous `path` is untouched, and the exception propagates."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        if path.is_dir():
-            raise IsADirectoryError(21, "Is a directory")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            for part in parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable; not possible on every platform/filesystem
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass

@@ -59,12 +59,12 @@ class SamplerSettings:
             return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
         need(real(self.temperature) and self.temperature >= 0,
-             f"--temperature must be a number >= 0, got {self.temperature!r}")
+             f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         need(integer(self.top_k) and self.top_k >= 0, f"--top-k must be an integer >= 0, got {self.top_k!r}")
         need(real(self.top_p) and 0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p!r}")
         need(real(self.min_p) and 0 <= self.min_p <= 1, f"--min-p must be in [0, 1], got {self.min_p!r}")
         need(real(self.repeat_penalty) and self.repeat_penalty > 0,
-             f"--repeat-penalty must be a number > 0, got {self.repeat_penalty!r}")
+             f"--repeat-penalty must be a finite number > 0, got {self.repeat_penalty!r}")
         need(integer(self.repeat_last_n) and 0 <= self.repeat_last_n <= MAX_REPEAT_LAST_N,
              f"--repeat-last-n must be in [0, {MAX_REPEAT_LAST_N}], got {self.repeat_last_n!r}")
         need(self.seed is None or (integer(self.seed) and 0 <= self.seed < 2**64),

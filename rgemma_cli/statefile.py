@@ -12,8 +12,9 @@ Layout (little-endian; docs/state-format.md):
 
 No pickle: the header is JSON and the tensors are raw bytes. While fewer than W tokens have been
 fed, only the W slots of the attention ring buffers that were written are stored. Files are
-written to a temporary name, fsynced and renamed over the target, so a failed or interrupted
-save leaves the previous file intact.
+written to a temporary name unique to the save, fsynced and renamed over the target
+(`files.write_atomic`), so a failed or interrupted save leaves the previous file intact; only
+regular files are read or replaced (`files.open_regular`, `files.check_writable`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ import numpy as np
 
 from .config import ATTENTION, ModelConfig
 from .errors import RgemmaError
+from .files import SaveInterrupted, check_writable, open_regular, write_atomic
 from .generation import HISTORY_KEEP, Context, Session
-from .safetensors import write_atomic
 from .sampling import SamplerSettings
 from .schema import is_int, parse_json, short
 from .state import AttentionState, State
@@ -80,7 +81,7 @@ class Saved:
 
 def save(path: str | Path, session: Session, name: str = "") -> int:
     """Write `session` (context, settings, transcript) to `path` atomically; returns the size."""
-    path = Path(path)
+    path = check_target(path)
     ctx = session.ctx
     tensors, offset, header_tensors = [], 0, {}
     W = session.model.config.attention_window_size
@@ -95,7 +96,7 @@ def save(path: str | Path, session: Session, name: str = "") -> int:
         tensors.append(a)
     data_hash = hashlib.sha256()
     for a in tensors:
-        data_hash.update(a.tobytes() if a.size == 0 else memoryview(a).cast("B"))  # (cast refuses size 0)
+        data_hash.update(a.reshape(-1).view(np.uint8))  # (a ring with no row yet is empty)
     header = {
         "format": "rgemma-state", "version": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -107,32 +108,43 @@ def save(path: str | Path, session: Session, name: str = "") -> int:
     }
     blob = json.dumps(header, ensure_ascii=False).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
-    _refuse_foreign_overwrite(path)
     _atomic_write(path, [_PREFIX.pack(MAGIC, FORMAT_VERSION, zlib.crc32(blob), len(blob)), blob, *tensors])
     return _PREFIX.size + len(blob) + offset
 
 
+def check_target(path: str | Path) -> Path:
+    """Raise RgemmaError unless `save(path, ...)` can replace `path` (see files.check_writable;
+    not a file of another kind either); returns the path a save will write."""
+    path = check_writable(path, "state")
+    _refuse_foreign_overwrite(path)
+    return path
+
+
 def _refuse_foreign_overwrite(path: Path) -> None:
-    """Do not replace a file that is not a state file (a typo'd path like `--save-state notes.md`)."""
+    """Do not replace a file that is not a state file (a typo'd path like `--save-state notes.md`).
+    An empty file is fine (`touch s.rgs`, or mktemp)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "state file") as (f, _):
             head = f.read(len(MAGIC))
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        return
-    if head != MAGIC and head:
+    except RgemmaError:
+        return  # absent or unreadable: check_writable and the write itself decide
+    if head and head != MAGIC:
         raise RgemmaError(f"refusing to overwrite {path}: it is not an rgemma state file")
 
 
 def _atomic_write(path: Path, parts) -> None:
-    """`write_atomic`, with its failures as one-line errors that say the old file survived."""
+    """`write_atomic`, with its failures as one line that says what is on disk."""
+    existed = path.exists()
+    before = "the previous file is unchanged" if existed else "nothing was written"
     try:
         write_atomic(path, parts)
     except OSError as e:
-        raise RgemmaError(f"cannot save state to {path}: {e.strerror or e}; the previous file "
-                          f"(if any) is unchanged") from None
-    except KeyboardInterrupt:
-        raise RgemmaError(f"interrupted while saving {path}; the previous file (if any) is "
-                          f"unchanged") from None
+        raise RgemmaError(f"cannot save state to {path}: {e.strerror or e}; {before}") from None
+    except SaveInterrupted as e:
+        if e.replaced:
+            raise RgemmaError(f"interrupted, after the new state was saved to {path}",
+                              exit_code=130) from None
+        raise RgemmaError(f"interrupted while saving {path}; {before}", exit_code=130) from None
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -140,14 +152,7 @@ def _atomic_write(path: Path, parts) -> None:
 def load(path: str | Path) -> Saved:
     """Read and verify a state file; any problem is an RgemmaError naming the file."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise RgemmaError(f"state file not found: {path}") from None
-    except IsADirectoryError:
-        raise RgemmaError(f"{path} is a directory, not a state file") from None
-    except OSError as e:
-        raise RgemmaError(f"cannot read state file {path}: {e.strerror or e}") from None
+    raw = _read(path)
     if len(raw) < _PREFIX.size or raw[:len(MAGIC)] != MAGIC:
         if MAGIC.startswith(raw[:len(MAGIC)]) and len(raw) < _PREFIX.size:
             raise RgemmaError(f"{path} is truncated ({len(raw)} bytes)")
@@ -281,6 +286,32 @@ def is_pcg64_state(rng) -> bool:
             and is_int(st["state"], 0, 2**128 - 1) and is_int(st["inc"], 0, 2**128 - 1)
             and st["inc"] % 2 == 1 and rng["has_uint32"] in (0, 1) and type(rng["has_uint32"]) is int
             and is_int(rng["uinteger"], 0, 2**32 - 1))
+
+
+def _read(path: Path) -> bytes:
+    """The file's bytes, read no further than its header says it holds: the prefix, the header
+    (its length from the prefix), then the data (its length from the header's tensor table).
+    A file larger than that is refused without reading the rest; a FIFO or device never read."""
+    with open_regular(path, "state file") as (f, size):
+        raw = f.read(min(size, _PREFIX.size))
+        if len(raw) < _PREFIX.size or raw[:len(MAGIC)] != MAGIC:
+            return raw
+        hlen = _PREFIX.unpack_from(raw)[3]
+        if _PREFIX.size + hlen > size or hlen > MAX_HEADER:
+            return raw  # load() reports it as truncated or corrupt
+        raw += f.read(hlen)
+        try:
+            table = json.loads(raw[_PREFIX.size:].decode("utf-8"))["tensors"]
+            need = max((int(t["offsets"][1]) for t in table.values()), default=0)
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, IndexError,
+                OverflowError, RecursionError):
+            return raw  # load() reports the header as corrupt
+        if need < 0 or _PREFIX.size + hlen + need > size:
+            return raw + f.read(max(0, size - len(raw)))  # truncated: load() says by how much
+        if _PREFIX.size + hlen + need < size:
+            raise RgemmaError(f"{path} is corrupt (trailing bytes after the data: the file holds "
+                              f"{size:,} bytes, its header describes {_PREFIX.size + hlen + need:,})")
+        return raw + f.read(need)
 
 
 def _state_from(cfg: ModelConfig, pos: int, table: dict, data: memoryview) -> State:

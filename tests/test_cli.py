@@ -6,6 +6,10 @@ import json
 import os
 import re
 import shutil
+
+
+import stat
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +34,23 @@ def error_of(*args, input=None, code=1):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert "Traceback" not in r.stdout + r.stderr
+    return lines[0]
+
+
+def run_main(*args, input=None):
+    """`cli.main` in-process (the console script, its last-resort error handling included):
+    (exit status, stdout, stderr)."""
+    with runner.isolation(input=input) as (out, err, _):
+        code = cli.main([str(a) if isinstance(a, Path) else a for a in args])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return code, out.getvalue().decode("utf-8", "replace"), err.getvalue().decode("utf-8", "replace")
+
+
+def main_error(*args, input=None, code=1):
+    status, out, err = run_main(*args, input=input)
+    lines = err.strip().splitlines()
+    assert status == code and len(lines) == 1 and lines[0].startswith("error: "), (status, err)
     return lines[0]
 
 
@@ -174,7 +195,8 @@ def test_failed_save_keeps_previous_state(tiny_base_dir, tmp_path, monkeypatch, 
         monkeypatch.setattr(os, "open", fail_open)
     else:
         monkeypatch.setattr(os, "fsync", fail_fsync)
-    msg = error_of("generate", "-m", tiny_base_dir, "-n", 3, "-q", "--resume", s, "--save-state", s)
+    msg = error_of("generate", "-m", tiny_base_dir, "-n", 3, "-q", "--resume", s, "--save-state", s,
+                   code=130 if failure == "ctrl-c" else 1)
     monkeypatch.undo()
     assert "unchanged" in msg
     assert s.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.rgs"]
@@ -405,3 +427,125 @@ def test_json_text_is_the_decode_of_its_tokens(tiny_base_dir):
     stop = gen_json(tiny_base_dir, "-n", 40, "-s", 1, "-t", 0, "Hello")["text"][5:8]
     j = gen_json(tiny_base_dir, "-n", 40, "-s", 1, "-t", 0, "--stop", stop, "Hello")
     assert j["finish_reason"] == "stop" and tok.decode(j["tokens"]).startswith(j["text"] + stop)
+
+
+# -- issue 10 item 4: no traceback on any input (the known cases; test_cli_fuzz.py the kind) ---
+
+def test_text_that_is_not_utf8_is_one_line(tiny_model_dir):
+    bad = os.fsdecode(b"hi \xff there")  # what Python makes of such argv bytes (PEP 383)
+    assert "not valid UTF-8" in main_error("generate", "-m", tiny_model_dir, bad, code=2)
+    assert "not valid UTF-8" in main_error("generate", "-m", tiny_model_dir, "--system", bad, "hi", code=2)
+    assert "not valid UTF-8" in main_error("generate", "-m", tiny_model_dir, "--stop", bad, "hi", code=2)
+
+
+def test_chat_survives_a_message_that_is_not_utf8(tiny_model_dir, tmp_path):
+    s = tmp_path / "c.rgs"
+    r = rg("chat", "-m", tiny_model_dir, "-n", 3, "--save-state", s,
+           input=b"hi \xff\xfe\nhello\n/save\n")
+    assert "not valid UTF-8" in r.stdout and "Traceback" not in r.stdout + r.stderr
+    assert [m["content"] for m in statefile.load(s).transcript if m["role"] == "user"] == ["hello"]
+
+
+def test_saving_a_session_that_holds_nothing(tiny_model_dir, tmp_path):
+    rg("generate", "-m", tiny_model_dir, "-n", 0, "-q", "--save-state", tmp_path / "a.rgs", "hi")
+    assert statefile.load(tmp_path / "a.rgs").ctx.state.pos == 0
+    r = rg("chat", "-m", tiny_model_dir, "-n", 3, input=f"/save {tmp_path / 'b.rgs'}\n")
+    assert "saved" in r.stdout and statefile.load(tmp_path / "b.rgs").ctx.tokens_seen == 0
+
+
+def test_quantize_onto_an_existing_file_or_itself(tiny_base_dir, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    assert "not a directory" in error_of("quantize", tiny_base_dir, f, "-q")
+    assert f.read_text() == "keep me"
+    assert "own directory" in error_of("quantize", tiny_base_dir, tiny_base_dir, "-q")
+
+
+# -- issue 10 item 10: papercuts --------------------------------------------------------------------
+
+def test_version_and_short_help():
+    from rgemma_cli import __version__
+    assert run_main("--version")[:2] == (0, f"rgemma {__version__}\n")
+    assert run_main("-h")[1].startswith("Usage: rgemma") and "--max-tokens" in run_main("generate", "-h")[1]
+
+
+def test_seed_used_is_in_stats_and_json_and_plurals(tiny_base_dir):
+    j = gen_json(tiny_base_dir, "-n", 1, "Hello")  # no --seed: a random one is chosen
+    assert isinstance(j["seed"], int)
+    again = gen_json(tiny_base_dir, "-n", 1, "-s", j["seed"], "Hello")
+    assert again["tokens"] == j["tokens"] and again["seed"] == j["seed"]
+    err = rg("generate", "-m", tiny_base_dir, "-n", 1, "-s", 7, "Hello").stderr
+    assert "generated: 1 token," in err and "seed: 7" in err
+
+
+def test_infinite_temperature_gets_a_true_message(tiny_base_dir):
+    for t in ("inf", "nan"):
+        msg = error_of("generate", "-m", tiny_base_dir, "-t", t, "hi")
+        assert "finite" in msg
+
+
+def test_offline_download_does_not_suggest_model_flag(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    msg = error_of("download", "google/recurrentgemma-2b")
+    assert "HF_HUB_OFFLINE" in msg and "-m demo" not in msg
+
+
+# -- issue 11 item 2: only regular files (subprocesses: a FIFO that blocks must not hang the suite)
+
+def run_rgemma(*args, input=None, timeout=60):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "rgemma_cli.cli", *map(str, args)], input=input,
+                          capture_output=True, timeout=timeout)
+
+
+def assert_one_error_line(r, code=1):
+    err = r.stderr.decode(errors="replace").strip().splitlines()
+    assert r.returncode == code and len(err) == 1 and err[0].startswith("error: "), (r.returncode, err)
+    return err[0]
+
+
+def test_fifo_and_devices_are_refused_not_waited_on(tiny_model_dir, tmp_path):
+    fifo = tmp_path / "fifo.rgs"
+    os.mkfifo(fifo)
+    assert "FIFO" in assert_one_error_line(run_rgemma("state", fifo))
+    assert "character device" in assert_one_error_line(run_rgemma("state", "/dev/zero"))
+    assert "FIFO" in assert_one_error_line(run_rgemma("generate", "-m", tiny_model_dir, "--resume", fifo))
+    assert "FIFO" in assert_one_error_line(run_rgemma("generate", "-m", tiny_model_dir, "-n", 2,
+                                                      "--save-state", fifo, "hi"))
+    r = run_rgemma("chat", "-m", tiny_model_dir, input=f"/load {fifo}\n".encode())
+    assert r.returncode == 0 and b"FIFO" in r.stdout
+    if os.geteuid() == 0:  # a private node like /dev/null: never aim a test at the real one
+        null = tmp_path / "null"
+        os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        assert "character device" in error_of("generate", "-m", tiny_model_dir, "--save-state", null, "hi")
+        assert stat.S_ISCHR(os.lstat(null).st_mode)
+
+
+def test_unwritable_or_impossible_target_is_found_before_generating(tiny_model_dir, tmp_path, monkeypatch):
+    from rgemma_cli.generation import Session
+    monkeypatch.setattr(Session, "step", lambda self: pytest.fail("generated before checking"))
+    assert "too long" in error_of("generate", "-m", tiny_model_dir, "--save-state", tmp_path / ("a" * 300), "hi")
+    notes = tmp_path / "notes.md"
+    notes.write_text("mine")
+    assert "not an rgemma state file" in error_of("generate", "-m", tiny_model_dir, "--save-state", notes, "hi")
+
+
+# -- issue 10 item 5: a closed pipe is a normal end -----------------------------------------------
+
+def test_closed_pipe_exits_141_and_saves_what_was_written(tiny_base_dir, tmp_path):
+    import subprocess
+    import sys
+    s = tmp_path / "s.rgs"
+    p = subprocess.Popen([sys.executable, "-m", "rgemma_cli.cli", "generate", "-m", str(tiny_base_dir),
+                          "-n", "20000", "-t", "0", "--save-state", str(s), "Once upon a time"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    head = p.stdout.read(20)  # `| head -c 20`
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "error" not in err
+    saved = statefile.load(s)
+    assert len(head) == 20 and saved.transcript[-1]["content"].encode().startswith(head)
+    assert 20 <= len(saved.transcript[-1]["content"].encode()) and saved.ctx.tokens_seen < 20000
