@@ -20,7 +20,8 @@ install-reference: install
 	$(BIN)/pip install --quiet -e '.[serve,test,reference]'
 	$(BIN)/pip install --quiet --no-deps recurrentgemma==1.0.1
 
-test:
+# On a fresh clone `make test` installs first (the venv is a prerequisite, not a surprise).
+test: $(BIN)/rgemma
 	$(BIN)/python -m pytest -q
 
 # The suite with Numba compiling for a generic x86-64 / aarch64 target: no host-specific kernel
@@ -35,9 +36,9 @@ bench: install-reference
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/run.py
 
-docs:
+docs: $(BIN)/rgemma
 	$(BIN)/python scripts/docs/gen_usage.py
 	$(BIN)/python scripts/docs/gen_api.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -12,9 +12,13 @@
 
 from __future__ import annotations
 
-from .errors import RgemmaError
-from .generation import Session
-from .sampling import SamplerSettings
+from . import jitcache
+
+jitcache.choose()  # before any kernel is compiled: a writable cache, or none (one warning)
+
+from .errors import RgemmaError  # noqa: E402
+from .generation import Session  # noqa: E402
+from .sampling import SamplerSettings  # noqa: E402
 
 __all__ = ["load", "RgemmaError", "Session", "SamplerSettings"]
 __version__ = "0.1.0"

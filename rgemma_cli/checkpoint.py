@@ -1,6 +1,7 @@
 """Find and load a Hugging Face RecurrentGemma checkpoint, memory-mapped in its stored dtype.
 
-A model argument is a local directory, `demo` (the small model shipped in weights/demo), or a
+A model argument is a local directory, `demo` (the small model shipped inside the package, in
+rgemma_cli/demo; the checkout's weights/demo links to it), or a
 Hub repo id resolved through huggingface-hub (HF cache, HF_TOKEN, HF_HUB_OFFLINE), fetching only
 the files rgemma needs. Weights stay memory-mapped in their stored dtype (a 17 GB bf16 9B must
 fit in 24 GB); only the small vectors are widened to float32.
@@ -18,11 +19,13 @@ import numpy as np
 
 from .config import ATTENTION, ModelConfig, read_config_json
 from .errors import RgemmaError
+from .files import read_regular
 from .formats import from_stored
 from .safetensors import SafetensorsFile, bf16_to_f32, write_atomic, write_safetensors
 from .schema import parse_json, short
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "weights" / "demo"
+# package data: it travels with any install (editable, `pip install .`, a wheel)
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
 NEEDED_FILES = ["config.json", "generation_config.json", "model.safetensors",
                 "model.safetensors.index.json", "model-*.safetensors", "tokenizer.model"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -123,10 +126,7 @@ def open_tensors(directory: Path) -> dict[str, SafetensorsFile]:
     (no directories: a shard is read only from `directory`); docs/file-formats.md."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        try:
-            raw = index.read_bytes()
-        except OSError as e:
-            raise RgemmaError(f"cannot read {index}: {e.strerror or e}") from None
+        raw = read_regular(index, "safetensors index", limit=256 * 2**20)
         doc = parse_json(raw, f"{index} is not a valid safetensors index")
         weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import RgemmaError
+from .files import read_regular
 from .schema import is_int, is_number, parse_json, short
 
 RECURRENT = "recurrent"
@@ -201,12 +202,8 @@ class ModelConfig:
 def read_config_json(path: str | Path) -> dict:
     """The raw dict of a config.json (keys rgemma does not model, like `quantization`, kept)."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise RgemmaError(f"missing config.json in {path.parent}") from None
-    except OSError as e:
-        raise RgemmaError(f"cannot read {path}: {e.strerror or e}") from None
+    raw = read_regular(path, "config.json", limit=16 * 2**20,
+                       missing=f"missing config.json in {path.parent}")
     return parse_json(raw, f"{path} is not valid JSON")
 
 

@@ -39,17 +39,17 @@ def kind_of(mode: int) -> str:
 
 
 @contextlib.contextmanager
-def open_regular(path: str | Path, what: str = "file"):
+def open_regular(path: str | Path, what: str = "file", missing: str | None = None):
     """Yield (binary file, size in bytes) for a regular file (or a symlink to one).
 
-    Raises RgemmaError, one line, for a missing file, a file that is not regular, or one that
-    cannot be opened (permissions, name too long, ...). `what` names the file in messages
-    ("state file", "config.json"). Read no more than `size` bytes from it."""
+    Raises RgemmaError, one line, for a missing file (the message `missing` if given), a file
+    that is not regular, or one that cannot be opened (permissions, name too long, ...). `what`
+    names the file in messages ("state file", "config.json"). Read no more than `size` bytes."""
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError:
-        raise RgemmaError(f"{what} not found: {path}") from None
+        raise RgemmaError(missing or f"{what} not found: {path}") from None
     except IsADirectoryError:
         raise RgemmaError(f"{path} is a directory, not a {what}") from None
     except OSError as e:
@@ -72,9 +72,11 @@ def open_regular(path: str | Path, what: str = "file"):
             raise RgemmaError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
-def read_regular(path: str | Path, what: str = "file", limit: int | None = None) -> bytes:
-    """The bytes of a regular file, refused before reading if it holds more than `limit`."""
-    with open_regular(path, what) as (f, size):
+def read_regular(path: str | Path, what: str = "file", limit: int | None = None,
+                 missing: str | None = None) -> bytes:
+    """The bytes of a regular file (see `open_regular`), refused before reading if it holds
+    more than `limit`."""
+    with open_regular(path, what, missing) as (f, size):
         if limit is not None and size > limit:
             raise RgemmaError(f"{path} is too large for a {what} ({size:,} bytes; at most "
                               f"{limit:,})")

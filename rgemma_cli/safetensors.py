@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import json
 import mmap
-import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import RgemmaError
-from .files import write_atomic  # noqa: F401  (re-exported: writers import it from here)
+from .files import open_regular, write_atomic  # (write_atomic: writers import it from here)
 from .schema import is_int, parse_json
 
 DTYPES = {
@@ -72,8 +71,8 @@ class SafetensorsFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
+            with open_regular(self.path, "safetensors file",
+                              missing=f"missing checkpoint file {self.path}") as (f, size):
                 head = f.read(8)
                 if len(head) < 8:
                     raise RgemmaError(f"{self.path}: truncated safetensors file (no header)")

@@ -17,6 +17,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from .errors import RgemmaError
+from .files import read_regular
 
 START_OF_TURN = 106
 END_OF_TURN = 107
@@ -28,12 +29,8 @@ class Tokenizer:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            raise RgemmaError(f"missing tokenizer file {self.path}") from None
-        except OSError as e:
-            raise RgemmaError(f"cannot read tokenizer {self.path}: {e.strerror}") from None
+        data = read_regular(self.path, "tokenizer", limit=256 * 2**20,
+                            missing=f"missing tokenizer file {self.path}")
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.load_from_serialized_proto(data)
