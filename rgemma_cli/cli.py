@@ -266,6 +266,18 @@ def _stats(g, seed: int | None = None) -> str:
             + f"peak RSS: {_peak_rss() / 2**20:.0f} MiB")
 
 
+def _shares_a_screen(broken: bool) -> bool:
+    """Whether stderr lands where stdout's text does: a terminal (stdout piped through `cat` or
+    `tee` most likely ends there too), or the very same pipe or file (`2>&1 | less`)."""
+    try:
+        if broken or sys.stderr.isatty():
+            return True
+        a, b = os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _say(line: str) -> None:
     """A status line on stderr; a closed stderr (`2>&1 | head`) is no reason to stop."""
     try:
@@ -352,7 +364,7 @@ def generate(
     if not quiet and not as_json:
         # text not ending in a newline would share its last line with the stats when both reach
         # one terminal (stdout piped through `cat`, or 2>&1): start the stats on a line of their own
-        glued = not tty and g.text and not g.text.endswith("\n") and (broken or sys.stderr.isatty())
+        glued = not tty and g.text and not g.text.endswith("\n") and _shares_a_screen(broken)
         _say(("\n" if glued else "") + _stats(g, session.settings.seed))
     save_state(save_state_path, session, model, quiet)
     if broken:

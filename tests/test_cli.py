@@ -549,3 +549,34 @@ def test_closed_pipe_exits_141_and_saves_what_was_written(tiny_base_dir, tmp_pat
     saved = statefile.load(s)
     assert len(head) == 20 and saved.transcript[-1]["content"].encode().startswith(head)
     assert 20 <= len(saved.transcript[-1]["content"].encode()) and saved.ctx.tokens_seen < 20000
+
+
+def test_stats_start_on_a_line_of_their_own_when_they_share_a_screen(tiny_base_dir):
+    """Text without a final newline, stdout a pipe: the stats line on stderr must not continue
+    the text's last line, whether stderr is a terminal (`| cat` in a terminal) or the same pipe
+    (`2>&1 | less`). stdout itself stays exactly the text."""
+    import pty
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "rgemma_cli.cli", "generate", "-m", str(tiny_base_dir), "-n", "5",
+           "-t", "0", "Hello"]
+    text = gen_json(tiny_base_dir, "-n", 5, "-t", 0, "Hello")["text"]
+    assert text and not text.endswith("\n")
+    same = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120).stdout.decode()
+    assert same.startswith(text + "\n") and same.splitlines()[1].startswith("prompt: ")
+    master, slave = pty.openpty()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    out = p.stdout.read().decode()
+    err = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        err += chunk
+    os.close(master)
+    assert p.wait(timeout=60) == 0
+    assert out == text and b"\nprompt: " in err  # (a spinner may come first: it erases itself)

@@ -83,12 +83,18 @@ def test_int4_scales_beat_the_plain_peak_rule():
 
 
 def test_int4_f32_scales_of_older_files_give_the_same_products():
+    """The same scales stored as f32 (older files) or bf16 give the same products up to the
+    order of the float additions. Not bit for bit: they are two fastmath kernels, and the
+    compiler may contract and reassociate each differently (x86 happens to give identical bits,
+    64-bit ARM does not; issue 10 item 11)."""
     w = _w(40, 256)
     p, s = Q.quantize_int4(w)
     wide = bf16_to_f32(s)
     for t in (1, 5):
         x = _x(t, 256)
-        np.testing.assert_array_equal(L.linear(x, F.Int4Weight(p, wide)), L.linear(x, F.Int4Weight(p, s)))
+        got, want = L.linear(x, F.Int4Weight(p, wide)), L.linear(x, F.Int4Weight(p, s))
+        # a handful of groups per row: float32 rounding of the sum, relative to its magnitude
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_int4_decode_matches_numpy_with_quantized_activations():
