@@ -93,15 +93,10 @@ def read_text(path) -> str:
     """A UTF-8 text file's contents; RgemmaError (one line) if it is missing, unreadable, not
     UTF-8 or empty."""
     from pathlib import Path
+
+    from .files import read_regular
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise RgemmaError(f"no such file: {path}") from None
-    except IsADirectoryError:
-        raise RgemmaError(f"{path} is a directory, not a text file") from None
-    except OSError as e:
-        raise RgemmaError(f"cannot read {path}: {e.strerror}") from None
+    data = read_regular(path, "text file", missing=f"no such file: {path}")  # no FIFO, no /dev/zero
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -511,6 +511,8 @@ def test_fifo_and_devices_are_refused_not_waited_on(tiny_model_dir, tmp_path):
     os.mkfifo(fifo)
     assert "FIFO" in assert_one_error_line(run_rgemma("state", fifo))
     assert "character device" in assert_one_error_line(run_rgemma("state", "/dev/zero"))
+    assert "character device" in assert_one_error_line(run_rgemma("perplexity", "-m", tiny_model_dir, "/dev/zero"))
+    assert "FIFO" in assert_one_error_line(run_rgemma("perplexity", "-m", tiny_model_dir, fifo))
     assert "FIFO" in assert_one_error_line(run_rgemma("generate", "-m", tiny_model_dir, "--resume", fifo))
     assert "FIFO" in assert_one_error_line(run_rgemma("generate", "-m", tiny_model_dir, "-n", 2,
                                                       "--save-state", fifo, "hi"))

@@ -15,12 +15,13 @@ from hypothesis import strategies as st
 
 from test_cli import run_main
 
-COMMANDS = ["generate", "chat", "state", "info", "quantize", "download", "nosuch", "--version",
-            "-h", "--help", ""]
+COMMANDS = ["generate", "chat", "state", "info", "quantize", "download", "perplexity", "nosuch",
+            "--version", "-h", "--help", ""]  # (not `bench`: it measures for seconds by design)
 FLAGS = ["-m", "--model", "-n", "--max-tokens", "-t", "--temperature", "--top-k", "--top-p",
          "--min-p", "--repeat-penalty", "--repeat-last-n", "-s", "--seed", "--system",
          "--save-state", "--resume", "--stop", "--chat", "--raw", "--json", "-q", "--quiet",
-         "--bits", "--embedding-bits", "-h", "--version", "-", "--", "--no-such-flag"]
+         "--bits", "--embedding-bits", "-c", "--chunk-size", "-h", "--version", "-", "--",
+         "--no-such-flag"]
 NUMBERS = ["0", "1", "2", "3", "-1", "-0.0", "0.5", "1.5", "1e-45", "1e-38", "1e400", "-1e400",
            "inf", "-inf", "nan", "4096", "4097", str(2**64), str(-2**63), "0x10", "1_0", "", " ",
            "abc", "½", "٣"]
