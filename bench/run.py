@@ -27,6 +27,11 @@ OUT = ROOT / "bench" / "out"
 WEIGHTS = ROOT / "weights"
 DOC = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "bench-throughput.png"
+FIG1A = ROOT / "docs" / "bench-fig1a-throughput.png"  # the paper's Figure 1a on this CPU
+FIG1A_MEMORY = ROOT / "docs" / "bench-fig1a-memory.png"
+LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768]  # generation lengths after the prompt
+BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]
+BUDGET_GB = 8.0  # memory for the sequences' states / KV caches, besides the weights
 PY = sys.executable
 HELDOUT = ROOT / "bench" / "heldout" / "declaration-of-independence.txt"
 CPUS = ROOT / "bench" / "cpus.json"  # committed: one summary per CPU family, for docs/benchmarks.md
@@ -158,7 +163,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer rounds and tokens (a smoke run)")
     ap.add_argument("--skip-9b", action="store_true", help="skip the 9B-shaped checkpoint (17 GB)")
     ap.add_argument("--skip-transformers", action="store_true")
-    ap.add_argument("--only", help="comma-separated phases to run (kernels,decode,versus,prefill,prefill_versus,transformers,quality,perplexity,elementwise,startup,flat,9b); "
+    ap.add_argument("--only", help="comma-separated phases to run (kernels,decode,versus,prefill,prefill_versus,transformers,quality,perplexity,elementwise,startup,flat,fig1a,9b); "
                                    "the others are kept from the previous results.json")
     ap.add_argument("--formats", help="comma-separated 2B formats to run (bf16,int8,q4,q4-emb8; "
                                       "default all, --quick: all but q4-emb8)")
@@ -179,7 +184,7 @@ def main():
     R["runs"] = prev.get("runs", []) + [run]
     log(f"machine: {machine()}")
 
-    needs_2b = {"decode", "versus", "prefill", "prefill_versus", "transformers", "quality"}
+    needs_2b = {"decode", "versus", "prefill", "prefill_versus", "transformers", "quality", "fig1a"}
     if only is None or only & needs_2b:
         bf16 = prepare("2b")
         # (--quick: the 2B with an int8 head is left out; small models keep it)
@@ -252,6 +257,20 @@ def main():
         log("flat: tokens/s and RSS at the start and end of a long demo generation")
         R["flat"] = worker("flat", {"model": "demo", "tokens": 20_000 if a.quick else 100_000,
                                     "window": 2_000 if a.quick else 10_000})
+    if want("fig1a"):
+        # Figure 1a: aggregate sampling throughput after a 2k-token prompt against generation
+        # length, each system at its best batch size within BUDGET_GB (a few steps per length)
+        log("fig1a: batched decode throughput against generation length, rgemma and transformers")
+        steps = 1 if a.quick else 2
+        lengths = [512, 2048, 32768] if a.quick else LENGTHS
+        common = {"budget_gb": BUDGET_GB, "prompt": 2048, "steps": steps, "lengths": lengths,
+                  "batch_sizes": [1, 4, 16] if a.quick else BATCH_SIZES,
+                  "gemma_sizes": 2 if a.quick else 3, "rg_sizes": 1 if a.quick else 2}
+        R["fig1a"] = {"budget_gb": BUDGET_GB, "prompt": 2048, "rgemma": worker(
+            "fig1a_rgemma", {**common, "models": {k: models[k] for k in ("bf16", "int8", "q4") if k in models}})}
+        if not a.skip_transformers:
+            R["fig1a"]["transformers"] = worker("fig1a_transformers", {
+                **common, "recurrentgemma": models["bf16"]}, timeout=7200)
     if want("9b") and not a.skip_9b:
         try:
             big = prepare("9b")
@@ -279,7 +298,7 @@ def main():
     (OUT / "results.json").write_text(json.dumps(R, indent=1))
     from report import update_cpus, write_report
     cpus = update_cpus(R, CPUS)
-    write_report(R, DOC, PLOT, cpus)
+    write_report(R, DOC, PLOT, cpus, FIG1A, FIG1A_MEMORY)
     log(f"wrote {DOC.relative_to(ROOT)} and {PLOT.relative_to(ROOT)} in {(time.time() - t_start) / 60:.1f} min")
 
 

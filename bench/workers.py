@@ -9,6 +9,7 @@ ratio near 2 for the parallel kernels; a ratio near 1 or below means another pro
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -557,7 +558,208 @@ def w_flat(args) -> dict:
                       "rss_bytes_per_token": (rss1 - rss0) / (n1 - n0), "generated": n1}
     return out
 
-WORKERS = {"perplexity": w_perplexity, "prefill_versus": w_prefill_versus, "kernels": w_kernels, "decode": w_decode, "prefill": w_prefill, "transformers": w_transformers,
+
+# -- Figure 1a: aggregate sampling throughput of batched decoding against generation length ---
+
+
+def anon_bytes() -> int:
+    """Private anonymous resident bytes of this process (weights are file-backed: not counted)."""
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def random_state(model, pos, rng):
+    """A full-window state with random contents at position `pos`: after a 2k-token prompt every
+    layer's state has this size and a decode step does this work whatever the contents (the
+    attention window is full), so it stands for any position >= the window."""
+    from rgemma_cli.state import State
+    s = State.zeros(model.config)
+    for a in s.arrays().values():
+        a[...] = rng.standard_normal(a.shape, dtype=np.float32) * 0.5
+    return dataclasses.replace(s, pos=pos)
+
+
+def batched_steps(model, states, n):
+    """n timed `forward_batch` steps (greedy tokens); returns (walls, cpus, states)."""
+    tokens = np.full(len(states), 5)
+    walls, cpus = [], []
+    for _ in range(n):
+        (logits, states), w, c = timed(lambda: model.forward_batch(tokens, states, donate=True))
+        tokens = logits.argmax(axis=1)
+        walls.append(w)
+        cpus.append(c)
+    return walls, cpus, states
+
+
+def gemm_peak(w, rounds=5) -> dict:
+    """FLOP/s of the batched decode kernel (`Weight.matmat`) at B=64 on 384 rows of `w`, small
+    enough to stay in cache: the compute ceiling of a batched step in this format."""
+    from rgemma_cli import formats, linear
+    rows = 384
+    wf = formats.as_weight(w)
+    block = (formats.Int8Weight(wf.q[:rows], wf.scale[:rows]) if isinstance(wf, formats.Int8Weight)
+             else formats.Int4Weight(wf.packed[:rows], wf.scale[:rows])
+             if isinstance(wf, formats.Int4Weight) else wf.a[:rows])
+    x = np.random.default_rng(0).standard_normal((64, w.shape[1]), dtype=np.float32)
+    linear.batched_linear(x, block)
+    walls = [timed(lambda: linear.batched_linear(x, block))[1] for _ in range(rounds)]
+    return {"gflops": 2 * 64 * rows * w.shape[1] / min(walls) / 1e9, "rows": rows,
+            "in": int(w.shape[1])}
+
+
+def params_per_token(model) -> int:
+    """Parameters a decoded token multiplies (2 FLOPs each): every matrix, the tied head once."""
+    return int(sum(int(np.prod(w.shape)) for w in model.weights.values() if len(w.shape) >= 2))
+
+
+def w_fig1a_rgemma(args) -> dict:
+    """rgemma bf16 / int8 / 4-bit: aggregate tokens/s of batched decode steps at each batch size
+    within the memory budget (at 2k + 2k), then at the best B for each generation length after a
+    2k-token prompt; the GEMM ceiling of the same kernels; private memory per added sequence."""
+    from rgemma_cli import load
+    rng = np.random.default_rng(0)
+    budget = args["budget_gb"] * 1e9
+    prompt_len, steps = args["prompt"], args["steps"]
+    out = {"formats": {}}
+    for fmt, path in args["models"].items():
+        model = load(path)[0]
+        template = random_state(model, prompt_len, rng)
+        per_seq = template.nbytes
+        sizes = [b for b in args["batch_sizes"] if b * per_seq <= budget]
+        r = out["formats"][fmt] = {"state_bytes": per_seq, "batch_sizes": sizes,
+                                   "params_per_token": params_per_token(model),
+                                   "gemm": gemm_peak(model.weights["model.layers.0.mlp_block.up_proj.weight"])}
+        # private memory per added sequence: the states of B=1 and of B=1+extra kept alive,
+        # each after a step; a step at the larger size first, so that the allocator's pools for
+        # the step's temporaries (logits: 1 MB per sequence) have grown before either reading
+        extra = args.get("memory_extra", 16)
+        batched_steps(model, [template.copy() for _ in range(1 + extra)], 1)
+        gc.collect()
+        states = batched_steps(model, [template.copy()], 1)[2]
+        gc.collect()
+        m0 = anon_bytes()
+        states = batched_steps(model, states + [template.copy() for _ in range(extra)], 1)[2]
+        gc.collect()
+        r["private_bytes_per_added_sequence"] = (anon_bytes() - m0) / extra
+        del states
+        # batch sweep, interleaved: every size one step per round
+        pool = {b: [template.copy() for _ in range(b)] for b in sizes}
+        sweep = {b: [] for b in sizes}
+        for b in sizes:
+            batched_steps(model, pool[b], 1)  # warm: compiled, pages in
+        for _ in range(steps):
+            for b in sizes:
+                walls, _, pool[b] = batched_steps(model, pool[b], 1)
+                sweep[b] += walls
+        r["sweep"] = {str(b): {"step_s": float(np.median(w)), "tok_s": b / float(np.median(w))}
+                      for b, w in sweep.items()}
+        best = max(sizes, key=lambda b: r["sweep"][str(b)]["tok_s"])
+        r["best_batch"] = best
+        states = pool.pop(best)
+        del pool
+        r["lengths"] = {}
+        for L in args["lengths"]:
+            states = [dataclasses.replace(s, pos=prompt_len + L) for s in states]
+            walls, cpus, states = batched_steps(model, states, steps)
+            r["lengths"][str(L)] = {"step_s": float(np.median(walls)),
+                                    "tok_s": best / float(np.median(walls)),
+                                    "cpu_per_wall": float(np.sum(cpus) / np.sum(walls))}
+        ceiling = r["gemm"]["gflops"] * 1e9 / (2 * r["params_per_token"])
+        r["ceiling_tok_s"] = ceiling
+        del model, states, template
+    return out
+
+
+def _hf_fill(model, cache, B, T, layers, rng_seed=0):
+    """Put T random keys and values (bf16) into `cache` for each attention layer index in
+    `layers`, as a prompt of T tokens would have (the contents do not change the work)."""
+    import torch
+    g = torch.Generator().manual_seed(rng_seed)
+    cfg = model.config
+    kvh, hd = cfg.num_key_value_heads, cfg.head_dim
+    for i in layers:
+        k = torch.randn((B, kvh, T, hd), generator=g, dtype=torch.float32).to(torch.bfloat16)
+        cache.update(k, k.clone(), i)
+
+
+def _hf_steps(model, cache, B, T, n, kw="past_key_values"):
+    """n timed one-token decode steps of B sequences at position T (and on); returns walls."""
+    import torch
+    walls = []
+    ids = torch.full((B, 1), 5, dtype=torch.long)
+    for i in range(n):
+        pos = torch.full((B, 1), T + i, dtype=torch.long)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, position_ids=pos, use_cache=True, **{kw: cache})
+        ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        walls.append(time.perf_counter() - t0)
+    return walls
+
+
+def w_fig1a_transformers(args) -> dict:
+    """transformers bf16, torch on 2 threads: GemmaForCausalLM with the Gemma-2B config (random
+    weights; the paper's transformer baseline) and RecurrentGemma (the bf16 checkpoint). For each
+    generation length after a 2k-token prompt, the caches are filled with random keys and values
+    up to that length, and the aggregate tokens/s of decode steps is measured at the batch sizes
+    whose caches fit the memory budget; the best is reported."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache, GemmaConfig, GemmaForCausalLM
+    torch.set_num_threads(args.get("threads", 2))
+    budget, prompt_len, steps = args["budget_gb"] * 1e9, args["prompt"], args["steps"]
+    out = {"threads": torch.get_num_threads()}
+    with torch.inference_mode():
+        if args.get("gemma", True):
+            cfg = GemmaConfig(vocab_size=256000, hidden_size=2048, intermediate_size=16384,
+                              num_hidden_layers=18, num_attention_heads=8, num_key_value_heads=1,
+                              head_dim=256, max_position_embeddings=65536)
+            torch.manual_seed(0)
+            torch.set_default_dtype(torch.bfloat16)  # built in bf16: no 10 GB float32 copy first
+            model = GemmaForCausalLM(cfg).eval()
+            torch.set_default_dtype(torch.float32)
+            per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+            g = out["gemma"] = {"params": sum(p.numel() for p in model.parameters()),
+                                "kv_bytes_per_token": per_token, "lengths": {}}
+            for L in args["lengths"]:
+                T = prompt_len + L
+                sizes = [b for b in args["batch_sizes"] if b * per_token * T <= budget]
+                res = {}
+                for b in sizes[::-1][:args.get("gemma_sizes", 3)]:  # the largest few that fit
+                    cache = DynamicCache(config=cfg)
+                    _hf_fill(model, cache, b, T, range(cfg.num_hidden_layers))
+                    walls = _hf_steps(model, cache, b, T, steps + 1)[1:]
+                    res[str(b)] = {"step_s": float(np.median(walls)), "tok_s": b / float(np.median(walls))}
+                    del cache
+                best = max(res, key=lambda k: res[k]["tok_s"])
+                g["lengths"][str(L)] = {"sizes": res, "best_batch": int(best), **res[best],
+                                        "cache_bytes_per_sequence": per_token * T}
+            del model
+        if args.get("recurrentgemma"):
+            model = AutoModelForCausalLM.from_pretrained(args["recurrentgemma"], dtype=torch.bfloat16).eval()
+            cfg = model.config
+            W = cfg.attention_window_size
+            attn = [i for i, t in enumerate(cfg.layers_block_type[:cfg.num_hidden_layers]) if t in ("attention", "sliding_attention")]
+            per_seq = (len(attn) * 2 * cfg.num_key_value_heads * cfg.head_dim * W * 2
+                       + (cfg.num_hidden_layers - len(attn)) * cfg.lru_width * (cfg.conv1d_width - 1 + 1) * 2)
+            rg = out["recurrentgemma"] = {"state_bytes": per_seq, "lengths": {}}
+            sizes = [b for b in args["batch_sizes"] if b * per_seq <= budget]
+            for L in args["lengths"]:
+                T = prompt_len + L
+                res = {}
+                for b in sizes[::-1][:args.get("rg_sizes", 2)]:
+                    cache = DynamicCache(config=cfg)
+                    _hf_fill(model, cache, b, W, attn)
+                    walls = _hf_steps(model, cache, b, T, steps + 1, kw="cache")[1:]
+                    res[str(b)] = {"step_s": float(np.median(walls)), "tok_s": b / float(np.median(walls))}
+                    del cache
+                best = max(res, key=lambda k: res[k]["tok_s"])
+                rg["lengths"][str(L)] = {"sizes": res, "best_batch": int(best), **res[best]}
+    return out
+
+
+WORKERS = {"fig1a_rgemma": w_fig1a_rgemma, "fig1a_transformers": w_fig1a_transformers,
+           "perplexity": w_perplexity, "prefill_versus": w_prefill_versus, "kernels": w_kernels, "decode": w_decode, "prefill": w_prefill, "transformers": w_transformers,
            "versus": w_versus, "quality": w_quality, "big": w_big, "startup": w_startup, "elementwise": w_elementwise, "flat": w_flat}
 
 if __name__ == "__main__":
