@@ -27,7 +27,7 @@ test: $(BIN)/rgemma
 # The suite with Numba compiling for a generic x86-64 / aarch64 target: no host-specific kernel
 # (kernels/cpu.py selects the portable loops), as on a CPU the x86 paths do not know.
 test-generic:
-	NUMBA_CPU_NAME=generic $(BIN)/python -m pytest -q -p no:cacheprovider
+	NUMBA_CPU_NAME=generic $(BIN)/python -m pytest -q -p no:cacheprovider $(TESTS)
 
 fixtures: install-reference
 	$(BIN)/python scripts/fixtures/make_fixtures.py
