@@ -269,7 +269,7 @@ class ChatUI:
                  f"in memory, turns: {sum(m['role'] == 'user' for m in s.transcript)}"]
         g = self.last
         if g is not None:
-            lines.append(f"last reply: {len(g.tokens)} tokens, {g.gen_tps:.1f} tok/s; prompt "
+            lines.append(f"last reply: {g.generated} tokens, {g.gen_tps:.1f} tok/s; prompt "
                          f"{g.prompt_tokens} tokens, {g.prompt_tps:.1f} tok/s; "
                          f"stopped: {g.finish_reason}")
         self.console.print("\n".join(lines), markup=False)

@@ -261,7 +261,7 @@ def _plural(n: int, word: str) -> str:
 
 def _stats(g, seed: int | None = None) -> str:
     return (f"prompt: {_plural(g.prompt_tokens, 'token')}, {g.prompt_tps:.1f} tok/s | "
-            f"generated: {_plural(len(g.tokens), 'token')}, {g.gen_tps:.1f} tok/s | "
+            f"generated: {_plural(g.generated, 'token')}, {g.gen_tps:.1f} tok/s | "
             + (f"seed: {seed} | " if seed is not None else "")
             + f"peak RSS: {_peak_rss() / 2**20:.0f} MiB")
 
@@ -326,10 +326,13 @@ def generate(
             session.read(text, system)
         save_state(save_state_path, session, model, quiet)
         return
+    # Keep the ids and text only where they are used (--json prints them, --save-state records
+    # the reply), so a long run printing as it goes stays flat in memory and time (issue 11.7)
+    keep = as_json or save_state_path is not None
     if text:
-        g = session.send(text, max_tokens, system=system, stop_strings=stop or ())
+        g = session.send(text, max_tokens, system=system, stop_strings=stop or (), keep=keep)
     else:
-        g = session.resume(max_tokens, stop_strings=stop or ())
+        g = session.resume(max_tokens, stop_strings=stop or (), keep=keep)
     tty = sys.stdout.isatty()
     broken = False  # the reader of stdout left (`| head`): a normal end, exit 141
     try:
@@ -347,14 +350,14 @@ def generate(
             if as_json:
                 print(json.dumps({
                     "text": g.text, "tokens": g.tokens, "finish_reason": g.finish_reason,
-                    "prompt_tokens": g.prompt_tokens, "generated_tokens": len(g.tokens),
+                    "prompt_tokens": g.prompt_tokens, "generated_tokens": g.generated,
                     "seed": session.settings.seed,
                     "prompt_seconds": round(g.prompt_seconds, 6),
                     "generation_seconds": round(g.gen_seconds, 6),
                     "prompt_tokens_per_second": round(g.prompt_tps, 3),
                     "generation_tokens_per_second": round(g.gen_tps, 3),
                     "peak_rss_bytes": _peak_rss()}, ensure_ascii=False))
-            elif tty and g.text:
+            elif tty and g.chars:
                 sys.stdout.write("\n")
             sys.stdout.flush()
         except BrokenPipeError:
@@ -364,7 +367,7 @@ def generate(
     if not quiet and not as_json:
         # text not ending in a newline would share its last line with the stats when both reach
         # one terminal (stdout piped through `cat`, or 2>&1): start the stats on a line of their own
-        glued = not tty and g.text and not g.text.endswith("\n") and _shares_a_screen(broken)
+        glued = not tty and g.chars and not g.last_newline and _shares_a_screen(broken)
         _say(("\n" if glued else "") + _stats(g, session.settings.seed))
     save_state(save_state_path, session, model, quiet)
     if broken:

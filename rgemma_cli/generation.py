@@ -32,21 +32,49 @@ __all__ = ["HISTORY_KEEP", "Context", "Generation", "Session"]
 
 @dataclass
 class Generation:
-    """One reply being generated: iterate for text pieces; the fields fill in as it runs."""
+    """One reply being generated: iterate for text pieces; the fields fill in as it runs.
+
+    With `keep` (the default) `tokens` and `text` hold the whole reply; without it (a long
+    `rgemma generate` printing as it goes) they stay empty and only `generated` counts, so
+    memory and the time per token stay flat however long the run (docs/api.md)."""
 
     tokens: list[int] = field(default_factory=list)  # sampled ids, the stopping one included
-    text: str = ""  # everything yielded
     finish_reason: str | None = None  # "stop" | "length" | "interrupted"
     cancelled: bool = False  # Ctrl-C before any text: the message was withdrawn
     prompt_tokens: int = 0  # tokens fed by the first step (the prompt and the old pending token)
     prompt_seconds: float = 0.0
     gen_seconds: float = 0.0
     shown: Context | None = None  # the context as of the last text yielded
+    keep: bool = True  # keep `tokens` and `text` (False: only count them)
+    generated: int = 0  # tokens sampled, the stopping one included (kept or not)
+    chars: int = 0  # characters yielded (kept or not)
+    last_newline: bool = False  # the last character yielded is a newline (kept or not)
+    _flush: object = lambda: None  # writes the pieces not yet in the transcript
+    _pieces: list = field(default_factory=list)  # the text yielded, appended in O(1)
     _iter: object = None
     _done: bool = False
 
     def __iter__(self):
         return self._iter
+
+    @property
+    def text(self) -> str:
+        """Everything yielded ("" when not `keep`)."""
+        if len(self._pieces) > 1:
+            self._pieces[:] = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
+
+    def _sampled(self, token: int) -> None:
+        self.generated += 1
+        if self.keep:
+            self.tokens.append(token)
+
+    def _shown(self, piece: str) -> None:
+        self.chars += len(piece)
+        if piece:
+            self.last_newline = piece.endswith("\n")
+        if self.keep:
+            self._pieces.append(piece)
 
     @property
     def prompt_tps(self) -> float:
@@ -56,7 +84,7 @@ class Generation:
     @property
     def gen_tps(self) -> float:
         """Generated tokens per second after the first one."""
-        n = len(self.tokens) - 1  # the first token's time is counted with the prompt
+        n = self.generated - 1  # the first token's time is counted with the prompt
         return n / self.gen_seconds if n > 0 and self.gen_seconds else 0.0
 
 
@@ -184,11 +212,13 @@ class Session:
     # -- the conversation -----------------------------------------------------------------------------
 
     def send(self, text: str, max_tokens: int = 256, *, system: str | None = None,
-             stop_strings=()) -> Generation:
-        """Add a user message (chat) or text (raw) and generate the reply."""
+             stop_strings=(), keep: bool = True) -> Generation:
+        """Add a user message (chat) or text (raw) and generate the reply (`keep`: see
+        `generate`)."""
         if max_tokens < 0:
             raise RgemmaError(f"--max-tokens must be >= 0, got {max_tokens}")
-        return self.generate(self.user_turn(text, system), max_tokens, stop_strings=stop_strings)
+        return self.generate(self.user_turn(text, system), max_tokens, stop_strings=stop_strings,
+                             keep=keep)
 
     def read(self, text: str, system: str | None = None) -> None:
         """Read `text` into the state now and generate nothing: in chat mode a closed user
@@ -198,7 +228,7 @@ class Session:
         self.decoder.feed(ids)
         self.decoder.prefill()
 
-    def resume(self, max_tokens: int = 256, *, stop_strings=()) -> Generation:
+    def resume(self, max_tokens: int = 256, *, stop_strings=(), keep: bool = True) -> Generation:
         """Generate with no new message: continue a reply cut short, answer a user turn left
         unanswered (`read`), or continue raw text. A finished reply is an RgemmaError."""
         if max_tokens < 0:
@@ -212,7 +242,7 @@ class Session:
                 n = len(self.transcript)
                 self.transcript.append({"role": "model", "content": ""})
             self._turn = _Turn(self.decoder.ctx, n, (), True)
-            return self.generate((), max_tokens, stop_strings=stop_strings)
+            return self.generate((), max_tokens, stop_strings=stop_strings, keep=keep)
         last = self.transcript[-1]["role"] if self.transcript else None
         if self.finished and last == "model":
             raise RgemmaError("the last reply is finished: nothing to continue; give a prompt")
@@ -221,9 +251,9 @@ class Session:
             ids = self._close() + self.tokenizer.generation_prompt()
             self.transcript.append({"role": "model", "content": ""})
             self._turn = _Turn(before, n, tuple(ids), True)
-            return self.generate(ids, max_tokens, stop_strings=stop_strings)
+            return self.generate(ids, max_tokens, stop_strings=stop_strings, keep=keep)
         self._turn = _Turn(self.decoder.ctx, len(self.transcript) - 1, (), True)
-        return self.generate((), max_tokens, stop_strings=stop_strings)
+        return self.generate((), max_tokens, stop_strings=stop_strings, keep=keep)
 
     def restore(self, ctx: Context, transcript_len: int) -> None:
         """Go back to an earlier point of the conversation (/undo, /regen), keeping the random
@@ -235,12 +265,16 @@ class Session:
     # -- generating -----------------------------------------------------------------------------------
 
     def generate(self, prompt_ids=(), max_tokens: int = 256, *, stop_ids=None,
-                 stop_strings=()) -> Generation:
+                 stop_strings=(), keep: bool = True) -> Generation:
         """Append `prompt_ids` and generate up to `max_tokens` tokens, streaming text pieces.
 
         Stops at a token in `stop_ids` (default: `stop_ids()`) or when a stop string appears;
         neither is printed. The text goes into the transcript's last message when the prompt
         came from `user_turn` / `resume` (`send` does both).
+
+        keep=False: nothing grows with the reply's length (a long `rgemma generate`): the
+        Generation keeps no ids or text (`generated` counts them) and in raw mode the reply is
+        not recorded in the transcript. A chat reply is always kept: the chat template needs it.
         """
         if max_tokens < 0:
             raise RgemmaError(f"--max-tokens must be >= 0, got {max_tokens}")
@@ -254,7 +288,7 @@ class Session:
         self.decoder.feed(prompt_ids)
         if max_tokens > 0 and not self.decoder.pending:
             raise RgemmaError("nothing to continue from: give a prompt")
-        g = Generation()
+        g = Generation(keep=keep or (self.mode == "chat" and turn.record))
         g._iter = self._run(g, turn, max_tokens, stop_ids, [s for s in stop_strings if s], tail)
         return g
 
@@ -265,14 +299,16 @@ class Session:
         printing)."""
         if g._done:
             return
+        g._flush()
         if g.shown is not None:
             dropped = self.decoder.tokens_seen - g.shown.tokens_seen
             self.decoder.rollback(g.shown)
             if dropped > 0:
-                del g.tokens[-dropped:]
+                g.generated -= dropped
+                del g.tokens[len(g.tokens) - min(dropped, len(g.tokens)):]
         g.finish_reason = "interrupted"
         turn = getattr(g, "_turn", None)
-        if turn is not None and turn.record and not g.text:
+        if turn is not None and turn.record and not g.chars:
             self.decoder.ctx = replace(turn.before, rng=self.decoder._ctx.rng)
             del self.transcript[turn.transcript_len:]
             g.cancelled = True
@@ -286,20 +322,27 @@ class Session:
         detok = self.tokenizer.detokenizer(special=self.special)
         for token in tail:
             detok.add(token)
-        text = ""  # generated text, including what is held back
+        text = ""  # generated text not yet yielded plus what is held back (trimmed as yielded)
         out = 0  # chars of `text` already yielded
         # The last context whose every sampled token has been yielded as text. A Ctrl-C goes
         # back to it (see `interrupt`), so the state never holds tokens nobody saw.
         g.shown = self.decoder.mark()
         g.prompt_tokens = len(self.decoder.pending)
         t0 = time.perf_counter()
-        msg = self.transcript[-1] if turn.record and self.transcript else None
+        msg = self.transcript[-1] if turn.record and self.transcript and g.keep else None
+        reply = []  # pieces for msg["content"], joined once (`+=` per piece copies it: O(n^2))
+
+        def flush():
+            if msg is not None and reply:
+                msg["content"] += "".join(reply)
+                reply.clear()
+        g._flush = flush
         try:
-            while len(g.tokens) < max_tokens:
+            while g.generated < max_tokens:
                 token = self.decoder.step()
-                g.tokens.append(token)
+                g._sampled(token)
                 now = time.perf_counter()
-                if len(g.tokens) == 1:
+                if g.generated == 1:
                     g.prompt_seconds, t0 = now - t0, now
                     if turn.record and self.mode == "chat":
                         turn.after_prompt = self.decoder.ctx  # (the next step copies the rings)
@@ -318,10 +361,10 @@ class Session:
                 if safe == len(text) and not detok.holding:
                     g.shown = self.decoder.commit()
                 if safe > out:
-                    piece, out = text[out:safe], safe
-                    g.text += piece
+                    piece, text, out = text[out:safe], text[safe:], 0  # keep only the unshown
+                    g._shown(piece)
                     if msg is not None:
-                        msg["content"] += piece
+                        reply.append(piece)
                     yield piece
             else:
                 # an incomplete character stays unprinted; a continuation completes it (see tail)
@@ -329,10 +372,13 @@ class Session:
         except KeyboardInterrupt:
             self.interrupt(g)
             raise
+        finally:  # also when the caller stops iterating (GeneratorExit)
+            flush()
         if len(text) > out:
-            g.text += text[out:]
+            g._shown(text[out:])
             if msg is not None:
-                msg["content"] += text[out:]
+                reply.append(text[out:])
+            flush()
         self._settle(g, turn)
         g._done = True
         self.decoder.release()

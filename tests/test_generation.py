@@ -377,3 +377,60 @@ def test_eos_ends_a_chat_reply_and_never_goes_in_front_of_the_next_turn(tiny):
         nxt = s.prompt_ids("more")
         assert nxt[0] == START_OF_TURN and tok.eos_id not in nxt
         assert list(s.ctx.recent + s.ctx.pending)[-2:] == [END_OF_TURN] + tok.newline
+
+
+# -- a long generation stays flat (issue 11, item 7) ---------------------------------------------
+
+class _Stub:
+    """A stand-in model (microseconds per token): what could grow with a run is the loop's, not
+    the model's (its state is fixed in size)."""
+
+    def __init__(self, model):
+        self.config, self.fingerprint, self.vocab = model.config, model.fingerprint, model.config.vocab_size
+
+    def initial_state(self):
+        from rgemma_cli.state import State
+        return State(0, ())
+
+    def forward(self, ids, state, *, last_only=False, donate=False):
+        from rgemma_cli.state import State
+        row = np.sin(np.arange(self.vocab, dtype=np.float32) * np.float32(0.37 * (ids[-1] + 1))) * 4
+        return row[None, :], State(state.pos + len(ids), ())
+
+
+def test_long_generation_without_keep_holds_nothing_that_grows(tiny):
+    """`rgemma generate` without --json / --save-state (keep=False) keeps no ids, no text and
+    no transcript reply: measured with tracemalloc once the repeat-penalty history (4096 ids)
+    is full, memory does not grow with the tokens generated (it grew ~74 bytes per token)."""
+    import tracemalloc
+    model, tok = tiny
+    s = Session(_Stub(model), tok, SamplerSettings(temperature=1.0, seed=0), mode="raw")
+    g = s.generate(s.user_turn("Once"), 7000, stop_ids=(), keep=False)  # as `send` does
+    it = iter(g)
+    tracemalloc.start()  # from the start: the ids leaving the history were traced too
+    while g.generated < 4500:
+        next(it)
+    before = tracemalloc.get_traced_memory()[0]
+    for _ in it:
+        pass
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert g.finish_reason == "length" and g.generated == 7000, (g.finish_reason, g.generated)
+    assert g.tokens == [] and g.text == "" and g.chars > 0
+    assert s.transcript[-1]["content"] == ""  # raw mode: the reply is not recorded
+    assert grown < 16_000, grown  # ~0 per token over 2500 tokens (keeping them: ~74 per token)
+
+
+def test_keep_changes_nothing_but_what_is_kept(tiny):
+    model, tok = tiny
+    runs = []
+    for keep in (True, False):
+        s = Session(model, tok, SamplerSettings(temperature=1.0, seed=3), mode="raw")
+        g = s.generate(s.user_turn("Once"), 300, stop_ids=(), keep=keep)
+        runs.append((g, list(g), s))
+    (g, pieces, s), (g2, pieces2, s2) = runs
+    assert pieces == pieces2 and g.generated == g2.generated == 300  # keep changes no output
+    assert s.ctx.state.pos == s2.ctx.state.pos and s.ctx.pending == s2.ctx.pending
+    assert g.chars == g2.chars == len("".join(pieces)) and g.last_newline == g2.last_newline
+    assert g.text == "".join(pieces) and s.transcript[-1]["content"] == g.text
+    assert len(g.tokens) == 300 and g2.tokens == [] and g2.text == ""
