@@ -30,6 +30,10 @@ class Terminal:
         if self.pid == 0:  # child: the pty is its controlling terminal, so ^C sends SIGINT
             env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "100", "TERM": "xterm"}
             os.chdir(ROOT)
+            # a user's shell starts the chat with Ctrl-C deliverable: undo any signal mask or
+            # ignored SIGINT this test process may have inherited or picked up from earlier tests
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execve(sys.executable, [sys.executable, "-c",
                       "import sys; from rgemma_cli.cli import main; sys.exit(main())", *args], env)
         self.raw = ""
