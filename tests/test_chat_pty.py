@@ -103,16 +103,8 @@ def test_chat_session(tiny_model_dir, tmp_path):
         t.read()
         if re.search(r'\.\.\. more"""\r?\n[^\n]{20}', t.text[t.seen:]):
             break
-    # Ctrl-C mid-reply. On a heavily loaded machine one SIGINT was seen to be lost (the reply ran
-    # on to its end): send it again if nothing came of it, while the reply is still streaming.
-    for attempt in range(3):
-        t.send("\x03")
-        try:
-            shown = t.expect(r"\(interrupted\)", timeout=8.0 if attempt < 2 else 60.0)
-            break
-        except AssertionError:
-            if attempt == 2:
-                raise
+    t.send("\x03")  # Ctrl-C mid-reply
+    shown = t.expect(r"\(interrupted\)")
     t.expect(r">>> ")  # the session goes on
     t.send("/stats\n")
     t.expect(r"tokens seen: \d+")
