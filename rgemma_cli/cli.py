@@ -399,7 +399,7 @@ def batch(
     stop: Stop = None,
     chat: Annotated[Optional[bool], typer.Option(
         "--chat/--raw", help="Wrap prompts in the chat template, or not (a request's \"raw\" "
-        "decides for it). [default: chat for -it models and demo, raw otherwise]",
+        "decides for it). [default: chat for chat models (see `rgemma info`), raw otherwise]",
         show_default=False)] = None,
     system: System = None,
     quiet: Quiet = False,
