@@ -172,19 +172,26 @@ def test_limits_unknown_urls_and_methods(live):
     assert_error(httpx.get(live.base + "/v1/chat/completions"), 405)
 
 
+# A reply that cannot end by itself while a test holds it open: seeded, raw, near-uniform sampling
+# runs all 5000 tokens on the demo (`rgemma generate -m demo --raw --seed 4 --temperature 50
+# -n 5000 "Go on and on."` ends by length). A short chat reply (31 tokens) was over before the
+# client read its second event on a quiet machine, and the test saw nothing running.
+LONG = {"prompt": "Go on and on.", "max_tokens": 5000, "stream": True, "seed": 4, "temperature": 50}
+
+
 def test_api_key_and_a_full_queue():
-    s = Running(api_key="sekret", max_batch=1, max_queue=0, limits=srv.Limits(max_tokens=400))
+    s = Running(api_key="sekret", max_batch=1, max_queue=0, limits=srv.Limits(max_tokens=5000))
     try:
-        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "stream": True}
-        assert_error(httpx.post(s.base + "/v1/chat/completions", json=body), 401, "API key")
+        body = LONG
+        assert_error(httpx.post(s.base + "/v1/completions", json=body), 401, "API key")
         assert_error(httpx.get(s.base + "/v1/models", headers={"Authorization": "Bearer nope"}), 401)
         assert httpx.get(s.base + "/health").status_code == 200  # no key needed
         auth = {"Authorization": "Bearer sekret"}
         assert httpx.get(s.base + "/v1/models", headers=auth).status_code == 200
-        with httpx.stream("POST", s.base + "/v1/chat/completions", json=body, headers=auth,
+        with httpx.stream("POST", s.base + "/v1/completions", json=body, headers=auth,
                           timeout=60) as r:
             next(r.iter_lines())  # the one place is taken and the queue holds none
-            r2 = httpx.post(s.base + "/v1/chat/completions", json=body, headers=auth)
+            r2 = httpx.post(s.base + "/v1/completions", json=body, headers=auth)
             err = assert_error(r2, 429, "busy")
             assert r2.headers["retry-after"] == "1" and err["type"] == "rate_limit_error"
     finally:
@@ -247,22 +254,23 @@ def test_load_16_concurrent_streaming_clients(live):
           f"{tokens / seconds:.1f} tok/s aggregate")
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_place(live):
-    body = {"messages": [{"role": "user", "content": "Go on and on."}], "max_tokens": 64,
-            "stream": True, "seed": 3}
-    steps_at_close = None
-    with httpx.stream("POST", live.base + "/v1/chat/completions", json=body, timeout=60) as r:
-        lines = r.iter_lines()
-        for _ in range(4):
-            next(lines)
-        assert live.health()["running"] == 1
-        steps_at_close = live.health()["steps"]
-    deadline = time.time() + 10
-    while live.health()["running"] and time.time() < deadline:
-        time.sleep(0.02)
-    h = live.health()
-    assert h["running"] == 0
-    assert h["steps"] - steps_at_close < 64  # it left long before its 64 tokens
+def test_a_client_that_leaves_mid_stream_frees_its_place():
+    s = Running(max_batch=2, limits=srv.Limits(max_tokens=5000))
+    try:
+        with httpx.stream("POST", s.base + "/v1/completions", json=LONG, timeout=60) as r:
+            lines = r.iter_lines()
+            for _ in range(4):
+                next(lines)
+            assert s.health()["running"] == 1
+            steps_at_close = s.health()["steps"]
+        deadline = time.time() + 10
+        while s.health()["running"] and time.time() < deadline:
+            time.sleep(0.02)
+        h = s.health()
+        assert h["running"] == 0
+        assert h["steps"] - steps_at_close < 1000  # it left long before its 5000 tokens
+    finally:
+        assert s.stop() == 0
 
 
 def test_sigterm_stops_writes_the_cache_and_a_restart_knows_the_conversation(tmp_path):
