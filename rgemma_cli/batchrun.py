@@ -19,12 +19,14 @@ from .engine import Engine, request_from_json
 from .errors import RgemmaError
 
 
-def _error_line(key, message: str) -> str:
-    return json.dumps({"id": key, "error": {"message": " ".join(message.split()),
-                                            "type": "invalid_request"}}, ensure_ascii=False)
+def _error_line(key, message: str, kind: str = "invalid_request") -> str:
+    return json.dumps({"id": key, "error": {"message": " ".join(message.split()), "type": kind}},
+                      ensure_ascii=False)
 
 
 def _answer_line(key, seq) -> str:
+    if seq.finish_reason == "error":
+        return _error_line(key, seq.error or "internal error", "server_error")
     return json.dumps({"id": key, "text": seq.text, "finish_reason": seq.finish_reason,
                        "prompt_tokens": seq.prompt_tokens,
                        "completion_tokens": seq.completion_tokens, "seed": seq.settings.seed},
@@ -105,7 +107,11 @@ def run_batch(model, tokenizer, lines: list[str], output: Path | None, *, batch_
         try:
             request = request_from_json(obj, tokenizer, settings=settings, max_tokens=max_tokens,
                                         stop=stop, chat=chat, system=system)
-            seqs[engine.submit(request)] = i
+            seq = engine.submit(request)
+            if seq.done:  # max_tokens 0: nothing to run
+                results[i] = _answer_line(key, seq)
+            else:
+                seqs[seq] = i
         except RgemmaError as e:
             results[i] = _error_line(key, f"line {lineno}: {e}")
 

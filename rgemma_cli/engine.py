@@ -4,12 +4,18 @@ Every decoded token of one sequence streams all the weights for one row of work;
 decodes every running sequence in one `Griffin.forward_batch` call, so each weight matrix is
 read once per step for all of them (llama.cpp's server and vLLM batch the same way). Sequences
 join and leave between steps; a joining sequence reads its prompt in chunks of at most
-`prefill_chunk` tokens, one chunk per step, so the others keep decoding meanwhile.
+`prefill_chunk` tokens, and the sequences reading prompts take turns (first come, first served)
+at about `prefill_chunk` prompt tokens a step in all, so the others keep decoding meanwhile.
+This one engine runs `rgemma batch` (a file of requests) and `rgemma serve` (`Scheduler`, which
+drives it from a thread and adds a bounded queue and callbacks).
 
 Each sequence has its own state, position, sampler settings and random stream, and its tokens
 and text are exactly those `Session.generate` produces for it alone (batch invariance: a row of
-`forward_batch` is bit for bit the one-sequence forward; the prompt is read in the pieces
-`forward` uses; sampling, stop ids, stop strings and text streaming follow `Session._run`).
+`forward_batch` is bit for bit the one-sequence forward; a prompt is always cut at the same
+places, whatever else runs; sampling, stop ids, stop strings and text streaming follow
+`Session._run`). With a `StateCache`, a sequence starts from the longest cached prefix of its
+prompt and reads only the rest (`Sequence.cached_tokens`); when it finishes, its state is
+cached under the ids it has read.
 
     engine = Engine(model, tokenizer, max_batch=16)
     seqs = [engine.submit(Request(tokenizer.raw_prompt(p), SamplerSettings(seed=1), 64))
@@ -24,6 +30,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -34,29 +41,36 @@ from .sampling import SamplerSettings, sample
 from .tokenizer import END_OF_TURN
 
 
-@dataclass
+@dataclass(frozen=True)
 class Request:
     """What one sequence should do: read `prompt_ids`, then sample up to `max_tokens` tokens.
 
     `stop_ids` defaults to `<eos>`, plus `<end_of_turn>` when `chat` (as `Session.generate`);
     a token in it or a stop string ends the sequence, and neither is part of the text. A
     missing seed is chosen at random when the request is submitted (see `Sequence.settings`).
+    `render_reply` (text -> ids) is how a client will send the prompt plus this reply back
+    (the chat template re-tokenizes the reply's text): a state cache files the finished state
+    under those ids too. max_tokens 0 only reads the prompt (into the state cache, if any).
     """
 
-    prompt_ids: list[int]
+    prompt_ids: tuple[int, ...] | list[int]
     settings: SamplerSettings = field(default_factory=SamplerSettings)
     max_tokens: int = 256
     stop_strings: tuple[str, ...] = ()
     stop_ids: frozenset[int] | None = None
     chat: bool = False
     id: object = None  # the caller's label, carried through untouched
+    render_reply: Callable[[str], list[int]] | None = None
 
 
 class Sequence:
     """One request in the engine; its fields fill in as it runs.
 
     tokens: the sampled ids (the stopping one included); text: all text streamed so far;
-    finish_reason: None while running, then "stop", "length" or "cancelled".
+    finish_reason: None while running, then "stop", "length", "cancelled" or "error" (with
+    `error`, one line); cached_tokens: prompt tokens taken from the state cache; fed: every id
+    the state has read. Raises RgemmaError for a request that cannot run (empty prompt, token
+    id out of range, max_tokens < 0).
     """
 
     def __init__(self, request: Request, tokenizer, vocab_size: int):
@@ -73,15 +87,19 @@ class Sequence:
                                   {tokenizer.eos_id} | ({END_OF_TURN} if request.chat else set()))
         self.stops = [s for s in request.stop_strings if s]
         self.prompt = ids
-        self.read = 0  # prompt tokens fed so far
+        self.todo: list[int] = []  # ids to read before the next sample (set when it joins)
+        self.fed: list[int] = []  # every id the state has read
+        self.cached_tokens = 0
         self.state = None  # allocated when the sequence joins the batch
         self.recent: tuple[int, ...] = ()
-        self.pending: int | None = None  # the last sampled token, fed by the next step
         self.rng = np.random.Generator(np.random.PCG64(self.settings.seed))
         self.tokens: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None
-        self.started = self.finished = None  # perf_counter times of joining and finishing
+        self.error: str | None = None
+        self.submitted = time.perf_counter()
+        self.started = self.first_token_at = self.finished = None  # perf_counter times
+        self._cancel = False
         self._detok = tokenizer.detokenizer()
         self._all = ""  # generated text, including what is held back
         self._out = 0  # chars of _all already streamed
@@ -96,18 +114,37 @@ class Sequence:
 
     @property
     def completion_tokens(self) -> int:
+        """Sampled tokens, the stopping one included (as `rgemma generate` counts them)."""
         return len(self.tokens)
+
+    @property
+    def reply_tokens(self) -> int:
+        """Sampled tokens less a stop id that ended the reply (the ids of the reply's text)."""
+        n = len(self.tokens)
+        return n - 1 if n and self.tokens[-1] in self.stop_ids else n
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def _sample(self, logits: np.ndarray, fed) -> str:
-        """Sample the next token after `fed` from one row of logits; returns the new text."""
-        self.recent = (self.recent + tuple(fed))[-HISTORY_KEEP:]
+    def cancel(self) -> None:
+        """Leave the engine at its next step (finish_reason "cancelled"); safe from any
+        thread, a no-op once finished."""
+        self._cancel = True
+
+    def _read(self, chunk) -> None:
+        """Account for `chunk`, the next ids of `todo`, having been fed to the state."""
+        self.fed += chunk
+        self.recent = (self.recent + tuple(chunk))[-HISTORY_KEEP:]
+        del self.todo[:len(chunk)]
+
+    def _sample(self, logits: np.ndarray) -> str:
+        """Sample the next token from the logits after the last id read; returns new text."""
         token = sample(logits, self.settings, self.recent, self.rng)
         self.tokens.append(token)
-        self.pending = token
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.todo = [token]
         if token in self.stop_ids:
             return self._finish("stop")
         self._all += self._detok.add(token)
@@ -125,35 +162,40 @@ class Sequence:
         return piece
 
     def _finish(self, reason: str) -> str:
-        """End the sequence; returns the text held back until now (as `Session._run` does)."""
+        """End the sequence; returns the text held back until now (as `Session._run` does),
+        or nothing for a sequence cancelled or failed."""
         self.finish_reason = reason
         self.finished = time.perf_counter()
+        if reason in ("cancelled", "error"):
+            return ""
         piece, self._out = self._all[self._out:], len(self._all)
         self.text += piece
-        self.state = None  # free the state now: the caller may keep the Sequence for long
         return piece
 
 
 class Engine:
     """A model serving many sequences at once (see the module docstring). Not thread-safe:
-    call `submit`, `step` and `cancel` from one thread (a server runs the loop in one worker).
+    call `submit`, `step` and `cancel` from one thread (`Scheduler` runs it in one worker;
+    `Sequence.cancel` is the one call safe from elsewhere).
 
     max_batch: sequences decoded together at most (each holds one model state, ~34 MB for the
     2B); prefill_chunk: prompt tokens read per step. The default, `model.CHUNK`, reads a prompt
     in the pieces `Griffin.forward` does, which keeps the tokens equal to `Session.generate`'s
-    bit for bit; a smaller value bounds the step time a joining prompt adds (results then
-    differ in rounding only).
+    bit for bit; a smaller value bounds the step time a joining prompt adds (results may then
+    differ in rounding only). cache: a `StateCache` or None.
     """
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 16, prefill_chunk: int = CHUNK):
+    def __init__(self, model, tokenizer, *, max_batch: int = 16, prefill_chunk: int = CHUNK,
+                 cache=None):
         if max_batch < 1:
             raise RgemmaError(f"batch size must be >= 1, got {max_batch}")
         if prefill_chunk < 1:
             raise RgemmaError(f"prefill chunk must be >= 1, got {prefill_chunk}")
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.cache = model, tokenizer, cache
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.steps = 0  # steps run so far
         self.tokens_decoded = 0  # sampled tokens, all sequences
 
     @property
@@ -161,56 +203,158 @@ class Engine:
         """Whether any sequence is waiting or running."""
         return bool(self.waiting or self.running)
 
+    def sequence(self, request: Request) -> Sequence:
+        """A new `Sequence` for `request` (raises RgemmaError if it cannot run), not yet added."""
+        return Sequence(request, self.tokenizer, self.model.config.vocab_size)
+
     def submit(self, request: Request) -> Sequence:
         """Queue a request; it joins the batch at a step with room. Raises RgemmaError for a
         request that cannot run (empty prompt, token id out of range, max_tokens < 0)."""
-        seq = Sequence(request, self.tokenizer, self.model.config.vocab_size)
-        if request.max_tokens == 0:  # as `Session.generate`: nothing is run
+        return self.add(self.sequence(request))
+
+    def add(self, seq: Sequence) -> Sequence:
+        """Queue a sequence made by `sequence`. With max_tokens 0 and no cache to read the
+        prompt into, it finishes at once ("length"), as `Session.generate` runs nothing."""
+        if seq.request.max_tokens == 0 and self.cache is None:
             seq._finish("length")
         else:
             self.waiting.append(seq)
         return seq
 
     def cancel(self, seq: Sequence) -> None:
-        """Make `seq` leave before the next step (finish_reason "cancelled")."""
+        """Make `seq` leave now (finish_reason "cancelled")."""
         if not seq.done:
             seq._finish("cancelled")
+        seq.state = None
         self.running = [s for s in self.running if s is not seq]
         self.waiting = deque(s for s in self.waiting if s is not seq)
 
     def step(self) -> list[tuple[Sequence, str]]:
-        """Advance every running sequence by one token (one `forward_batch` call), then read
-        one prompt chunk of the first sequence still reading its prompt.
+        """Admit waiting sequences while there is room, drop cancelled ones, then advance every
+        running sequence once: one token for those decoding (all in one `forward_batch`
+        call), a prompt chunk for those reading their prompts while this step's
+        `prefill_chunk` budget lasts.
 
-        Returns (sequence, new text) for every sequence that sampled a token this step, in
-        batch order; finished sequences leave the batch (their finish_reason is set, and the
-        text returned with it is their last)."""
+        Returns (sequence, new text) for every sequence that sampled a token or finished this
+        step, in batch order; finished sequences leave the batch (their finish_reason is set,
+        and the text returned with it is their last)."""
+        events = []
+        for seq in [s for s in list(self.waiting) + self.running if s._cancel]:
+            self.cancel(seq)
+            events.append((seq, ""))
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting.popleft()
-            seq.state, seq.started = self.model.initial_state(), time.perf_counter()
+            self._admit(seq)
             self.running.append(seq)
-        events = []
-        decoding = [s for s in self.running if s.pending is not None]
-        if decoding:
-            logits, states = self.model.forward_batch([s.pending for s in decoding],
-                                                      [s.state for s in decoding], donate=True)
-            for s, row, state in zip(decoding, logits, states):
-                s.state, fed = state, (s.pending,)
-                events.append((s, s._sample(row, fed)))
-            self.tokens_decoded += len(decoding)
-        reading = next((s for s in self.running if s.pending is None), None)
-        if reading is not None:
-            lo = reading.read
-            chunk = reading.prompt[lo:lo + self.prefill_chunk]
-            last = lo + len(chunk) == len(reading.prompt)
-            logits, reading.state = self.model.forward(chunk, reading.state, last_only=True,
-                                                       donate=True)
-            reading.read += len(chunk)
-            if last:
-                events.append((reading, reading._sample(logits[-1], reading.prompt)))
-                self.tokens_decoded += 1
+        batch, chunks, budget = [], [], self.prefill_chunk
+        for seq in self.running:
+            if seq.tokens:  # decoding: its one pending token
+                n = 1
+            elif budget > 0:  # reading its prompt, in chunks that never depend on other sequences
+                n = min(len(seq.todo), self.prefill_chunk)
+                budget -= n
+            else:  # this step's prompt budget is spent: wait for the next step
+                continue
+            batch.append(seq)
+            chunks.append(seq.todo[:n])
+        if batch:
+            try:
+                results = self._forward(batch, chunks)
+            except Exception as e:  # a bug must not take every sequence down: fail these only
+                results = [e] * len(batch)
+            for seq, chunk, result in zip(batch, chunks, results):
+                try:
+                    if isinstance(result, Exception):
+                        raise result
+                    logits, seq.state = result
+                    seq._read(chunk)
+                    if logits is None:
+                        continue
+                    if seq.request.max_tokens == 0:  # only read the prompt (into the cache)
+                        events.append((seq, seq._finish("length")))
+                    else:
+                        events.append((seq, seq._sample(logits)))
+                        self.tokens_decoded += 1
+                except Exception as e:
+                    seq.error = str(e) if isinstance(e, RgemmaError) else \
+                        f"internal error: {type(e).__name__}: {e}"
+                    events.append((seq, seq._finish("error")))
+        self.steps += 1
+        for seq in self.running:
+            if seq.done:
+                self._retire(seq)
         self.running = [s for s in self.running if not s.done]
         return events
+
+    def _admit(self, seq: Sequence) -> None:
+        hit = self.cache.lookup(seq.prompt) if self.cache is not None else None
+        if hit is not None:
+            seq.state, seq.recent, seq.cached_tokens = hit.state, hit.recent, hit.length
+            seq.fed = seq.prompt[:hit.length]
+        else:
+            seq.state = self.model.initial_state()
+        seq.todo = seq.prompt[seq.cached_tokens:]
+        seq.started = time.perf_counter()
+
+    def _forward(self, batch, chunks):
+        """(last-position logits or None, new state) per sequence, after reading its chunk.
+
+        Every sequence that reads one token (decoding, or the last token of its prompt) goes
+        into one `Griffin.forward_batch` call, which reads each weight matrix once for all of
+        them and computes each row bit for bit as the one-sequence forward would (so a
+        sequence's text never depends on who else runs); prompt chunks run one `forward` each.
+        A sequence's state is its own (cache hits are copies), so both write its rings in
+        place (`donate`)."""
+        out = [None] * len(batch)
+        single = [i for i, (seq, chunk) in enumerate(zip(batch, chunks))
+                  if len(chunk) == 1 == len(seq.todo)]
+        if single:
+            logits, states = self.model.forward_batch([chunks[i][0] for i in single],
+                                                      [batch[i].state for i in single], donate=True)
+            for row, i in enumerate(single):
+                out[i] = (logits[row], states[row])
+        for i, (seq, chunk) in enumerate(zip(batch, chunks)):
+            if out[i] is None:
+                last = len(chunk) == len(seq.todo)  # only the chunk that ends the prompt samples
+                logits, state = self.model.forward(chunk, seq.state, last_only=True, donate=True)
+                out[i] = (logits[-1] if last else None, state)
+        return out
+
+    def _retire(self, seq: Sequence) -> None:
+        """A finished sequence leaves: its state goes to the cache (if any) and is freed."""
+        if self.cache is not None and seq.finish_reason in ("stop", "length") and seq.state is not None:
+            if seq.finish_reason == "length" and seq.tokens and seq.todo:
+                # the reply's last token is sampled but not read, and the client will send it
+                # back: read it now (the caller already has its answer), before any later
+                # request is admitted and looks the conversation up
+                try:
+                    _, seq.state = self.model.forward(seq.todo, seq.state, last_only=True,
+                                                      donate=True)
+                    seq._read(list(seq.todo))
+                except Exception:
+                    pass  # only a cache entry is lost
+            self._cache(seq)
+        seq.state = None  # free the state now: the caller may keep the Sequence for long
+
+    def _cache(self, seq: Sequence) -> None:
+        """Keep the state under the ids read and, for a reply read to its end, also under the
+        ids the client will render for it (`Request.render_reply`)."""
+        if not seq.fed:
+            return
+        aliases = []
+        n = len(seq.prompt)
+        reply = seq.fed[n:]
+        ended = seq.tokens and (seq.tokens[-1] in seq.stop_ids or
+                                len(seq.fed) == n + len(seq.tokens))  # at a stop id, or all read
+        render = seq.request.render_reply
+        if render is not None and ended and seq.text == seq._all:  # (not cut by a stop string)
+            try:
+                alias = list(render(seq.text))
+            except RgemmaError:  # a conversation the template cannot continue: no alias
+                alias = seq.fed
+            if alias != seq.fed and self.tokenizer.decode(reply).strip() == seq.text.strip():
+                aliases.append(alias)
+        self.cache.put(seq.fed, seq.state, seq.recent, aliases)
 
 
 # -- requests from JSON (`rgemma batch`, one object per line) ----------------------------------

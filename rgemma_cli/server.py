@@ -328,7 +328,8 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, api_key: str
             except RuntimeError:  # the loop is gone (shutdown): nobody is listening
                 pass
 
-        req = Request(tuple(ids), settings, max_tokens, stop_ids, stop, render_reply)
+        req = Request(tuple(ids), settings, max_tokens, stop_strings=stop, stop_ids=stop_ids,
+                      chat=chat, render_reply=render_reply)
         try:
             job = scheduler.submit(req, on_event)
         except QueueFull as e:
@@ -344,8 +345,8 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, api_key: str
                 "system_fingerprint": f"rgemma-{settings.seed}"}
 
         def usage():
-            return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
-                    "total_tokens": job.prompt_tokens + job.completion_tokens,
+            return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.reply_tokens,
+                    "total_tokens": job.prompt_tokens + job.reply_tokens,
                     "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}
 
         def choice(text, finish, delta=None):

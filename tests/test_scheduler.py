@@ -21,7 +21,7 @@ def run_all(sched, max_steps=2000):
 def chat_request(tok, text, seed=1, max_tokens=12, **kw):
     ids = tok.chat_messages([{"role": "user", "content": text}])
     return Request(tuple(ids), SamplerSettings(temperature=0.9, seed=seed), max_tokens,
-                   frozenset({tok.eos_id, END_OF_TURN}), **kw)
+                   stop_ids=frozenset({tok.eos_id, END_OF_TURN}), **kw)
 
 
 def submit(sched, req):
@@ -72,7 +72,7 @@ def test_prompts_are_read_in_chunks_while_others_keep_decoding(tiny):
         before = len(a.tokens)
         sched.step()
         assert len(a.tokens) == before + 1 and not b.tokens
-    assert len(b._fed) == 20
+    assert len(b.fed) == 20
 
 
 def test_a_cancelled_job_leaves_the_batch_within_one_step(tiny):
@@ -86,14 +86,14 @@ def test_a_cancelled_job_leaves_the_batch_within_one_step(tiny):
     a.cancel()
     sched.step()
     assert a not in sched.running and a.finish_reason == "cancelled" and events[-1] == ("done", "cancelled")
-    assert sched.running == [b] and b._fed  # b took the place in that same step
+    assert sched.running == [b] and b.fed  # b took the place in that same step
 
 
 def test_a_full_queue_is_refused(tiny):
     model, tok = tiny
     sched = Scheduler(model, tok, max_batch=1, max_queue=2)
     r = Request(tuple(tok.raw_prompt("x")), SamplerSettings(seed=1), 3)
-    submit(sched, r), submit(sched, r)
+    submit(sched, r), submit(sched, r), submit(sched, r)  # one place in the batch, two in the queue
     with pytest.raises(QueueFull):
         submit(sched, r)
 
@@ -128,7 +128,7 @@ def test_a_growing_conversation_feeds_only_new_tokens_and_answers_the_same(demo)
     for turn in range(4):
         messages.append({"role": "user", "content": f"question number {turn}"})
         ids = tuple(tok.chat_messages(messages))
-        req = Request(ids, SamplerSettings(temperature=0), 8, frozenset({tok.eos_id, END_OF_TURN}),
+        req = Request(ids, SamplerSettings(temperature=0), 8, stop_ids=frozenset({tok.eos_id, END_OF_TURN}),
                       render_reply=lambda text, m=list(messages): tok.chat_messages(
                           m + [{"role": "assistant", "content": text}]))
         a, _ = submit(with_cache, req)
@@ -139,7 +139,7 @@ def test_a_growing_conversation_feeds_only_new_tokens_and_answers_the_same(demo)
             # everything up to the end of the previous reply came from the cache (a stop id
             # that ended it is sent back as the template's own end of turn): only the new turn
             # was read
-            assert a.cached_tokens == len(prev) + prev_job.completion_tokens
+            assert a.cached_tokens == len(prev) + prev_job.reply_tokens
         prev, prev_job = ids, a
         messages.append({"role": "assistant", "content": a.text})
     assert cache.hits == 3

@@ -190,7 +190,9 @@ def test_api_key_and_a_full_queue():
         assert httpx.get(s.base + "/v1/models", headers=auth).status_code == 200
         with httpx.stream("POST", s.base + "/v1/completions", json=body, headers=auth,
                           timeout=60) as r:
-            next(r.iter_lines())  # the one place is taken and the queue holds none
+            assert r.status_code == 200
+            lines = r.iter_lines()  # (kept: a dropped line iterator closes the connection)
+            next(lines)  # the one place is taken and the queue holds none
             r2 = httpx.post(s.base + "/v1/completions", json=body, headers=auth)
             err = assert_error(r2, 429, "busy")
             assert r2.headers["retry-after"] == "1" and err["type"] == "rate_limit_error"
