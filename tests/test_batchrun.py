@@ -73,6 +73,18 @@ def test_bad_lines_get_errors_and_the_rest_proceed(tiny_model_dir, tmp_path):
     assert "temperature" in out[2]["error"]["message"] and "duplicate" in out[5]["error"]["message"]
 
 
+def test_max_tokens_0_is_answered_in_its_place(tiny_model_dir, tmp_path):
+    """A request that runs nothing (max_tokens 0) still gets its line, to stdout and to -o."""
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": "a", "prompt": "Hi", "max_tokens": 2}\n{"id": "z", "prompt": "Hi", '
+                   '"max_tokens": 0}\n{"id": "b", "prompt": "Hi", "max_tokens": 1}\n')
+    for args in ([], ["-o", dst]):
+        out = rg("batch", "-m", tiny_model_dir, "-q", src, *args).stdout
+        lines = [json.loads(l) for l in (dst.read_text() if args else out).splitlines()]
+        assert [o["id"] for o in lines] == ["a", "z", "b"]
+        assert (lines[1]["text"], lines[1]["finish_reason"], lines[1]["completion_tokens"]) == ("", "length", 0)
+
+
 @pytest.mark.parametrize("args, message", [
     (["/nonexistent.jsonl"], "no such file"),
     (["IN", "-b", "0"], "--batch-size"),
