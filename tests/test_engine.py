@@ -80,7 +80,7 @@ def test_batched_step_is_bit_identical_to_one_sequence(models, fmt, data):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("shape", [(37, 64), (9, 4160), (130, 256)])  # 4160: the wide-input path
+@pytest.mark.parametrize("shape", [(37, 64), (9, 4160), (130, 256), (30, 7680)])  # 4160, 7680: wide inputs
 def test_batched_linear_rows_equal_matvec(fmt, shape):
     rng = np.random.default_rng(sum(shape))
     w = stored(rng.standard_normal(shape).astype(np.float32), fmt)

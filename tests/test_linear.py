@@ -114,14 +114,17 @@ def test_int4_decode_matches_numpy_with_quantized_activations():
     np.testing.assert_allclose(y, x @ dense.T, rtol=0.03, atol=0.03 * np.abs(ref).max())
 
 
-def test_int4_portable_kernel_agrees_with_simd():
-    p = rng.integers(0, 256, (3, 96), dtype=np.uint8)
-    xq = rng.integers(-127, 128, 192).astype(np.int8)
-    cs = rng.standard_normal((3, 3)).astype(np.float32)
-    for r in range(3):
-        a = mv._q4_row_dot(p[r], xq, cs[r])
-        b = mv._q4_row_dot_portable(p[r], xq, cs[r])
-        assert a == pytest.approx(b, rel=1e-5)
+@pytest.mark.parametrize("rows, n", [(3, 64), (13, 192), (30, 7680)])
+def test_int4_portable_kernel_agrees_with_the_host_kernel(rows, n):
+    # on x86 `matvec_q4` is the tile kernel (the zero point subtracted in integers); both
+    # compute the same integer dots, and differ only in how the f32 terms are summed
+    p, s = Q.quantize_int4(_w(rows, n))
+    x = _x(1, n)[0]
+    b = rng.standard_normal(rows).astype(np.float32)
+    a, c = np.zeros(rows, np.float32), np.zeros(rows, np.float32)
+    mv.matvec_q4(p, s, x, b, a)
+    mv._matvec_q4_portable(p, s, x, b, c)
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5 * np.abs(c).max())
 
 
 def test_embed_every_format():
@@ -160,13 +163,17 @@ def test_block_diagonal_matches_numpy(t, stored):
 
 @pytest.mark.parametrize("n", [1, 16, 255, 256, 257, 320, 2560, 7683])
 def test_int8_row_dot_is_the_exact_integer_dot(n):
-    # the x86 kernel (cpu._i8_row_dot_x86 when ISA is set) and the portable loop: int32 sums of
-    # 256 products are exact; only their conversion to float32 rounds
-    w = rng.integers(-127, 128, n, dtype=np.int8)
+    # the host kernel (x86: `tile.tile_i8`) and the portable loop: int32 sums of 256 products
+    # are exact; only their conversion to float32 rounds. x holds int16 values with |x| up to
+    # 32767, so quantizing it to int16 (scale 1) keeps it exact
+    w = rng.integers(-127, 128, (1, n), dtype=np.int8)
     x16 = rng.integers(-32767, 32768, n).astype(np.int16)
-    exact = float(np.dot(w.astype(np.int64), x16.astype(np.int64)))
-    for dot in (mv._dot_i8, mv._dot_i8_portable):
-        assert dot(w, x16) == pytest.approx(exact, rel=1e-6, abs=1.0)
+    x16[0] = 32767
+    exact = float(np.dot(w[0].astype(np.int64), x16.astype(np.int64)))
+    for kernel in (mv.matvec_i8, mv._matvec_i8_portable):
+        y = np.zeros(1, np.float32)
+        kernel(w, np.ones(1, np.float32), x16.astype(np.float32), np.zeros(0, np.float32), y)
+        assert y[0] == pytest.approx(exact, rel=1e-6, abs=1.0)
 
 
 def test_int8_kernel_takes_read_only_weights():

@@ -16,6 +16,11 @@ Weight formats (all `(out, in)`, rows contiguous):
                  (low nibble) and weight j + G/2 (high).
 Quantized weights use integer dot products: the int8 kernel quantises x to int16 (one scale per
 vector), the 4-bit kernel to int8 per group (see `matvec_i8`, `matvec_q4`).
+
+On x86 (`cpu.ISA`) every format but f16 runs hand-written register tiles (`tile.py`): the same
+per-row arithmetic for one row and for a batch, so the batched step is bit for bit the
+one-sequence decode. Elsewhere the compiler-vectorised loops below run, with the same
+guarantee by sharing one helper per row (`_dot`, `_dot4`, `_dot_i8`, `_q4_row_dot`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .cpu import ISA, _i8_row_dot_x86, _q4_row_dot_x86
+from .cpu import ISA
+from .tile import tile, tile_i8, tile_q4
 from .widen import as_f32, f16_bits_to_f32
 
 # -- one row: small helpers so that LLVM vectorises the reduction ----------------------------
@@ -80,12 +86,7 @@ def _dot_i8_portable(w, x16):
     return acc + np.float32(d)
 
 
-if ISA:
-    @njit(**_opts)
-    def _dot_i8(w, x16):
-        return _i8_row_dot_x86(w, x16)
-else:
-    _dot_i8 = _dot_i8_portable
+_dot_i8 = _dot_i8_portable  # (x86 runs `tile.tile_i8` instead)
 
 
 Q4_GROUP = 64  # weights per 4-bit group: 32 packed bytes, one 256-bit register
@@ -104,12 +105,7 @@ def _q4_row_dot_portable(row, xq, cs):
     return acc
 
 
-if ISA:
-    @njit(**_opts)
-    def _q4_row_dot(row, xq, cs):
-        return _q4_row_dot_x86(row, xq, cs)
-else:
-    _q4_row_dot = _q4_row_dot_portable
+_q4_row_dot = _q4_row_dot_portable  # (x86 runs `tile.tile_q4` instead)
 
 
 @njit(**_opts)
@@ -142,8 +138,9 @@ def _bias(b, r):
 
 
 @njit(parallel=True, **_opts)
-def matvec(w, x, b, y):
-    """y = W x + b for f32 or bf16 (uint16 bits) W (b empty: no bias)."""
+def _matvec_portable(w, x, b, y):
+    """y = W x + b for f32 or bf16 (uint16 bits) W (b empty: no bias): compiler-vectorised
+    dots (the kernel off x86; on x86 `matvec` is `_matvec_tiled`)."""
     rows = w.shape[0]
     if x.size <= _WIDE_INPUT:
         for r in prange(rows):
@@ -179,7 +176,7 @@ def quantize_i16(x):
 
 
 @njit(parallel=True, **_opts)
-def matvec_i8(w, scale, x, b, y):
+def _matvec_i8_portable(w, scale, x, b, y):
     """y = W x + b for int8 W (per-row scales); x is quantized to int16 first (`quantize_i16`)."""
     x16, xscale = quantize_i16(x)
     for r in prange(w.shape[0]):
@@ -212,7 +209,7 @@ _Q4_CHUNKS = 64  # rows are split into this many runs, each with one scratch row
 
 
 @njit(parallel=True, **_opts)
-def matvec_q4(packed, scale, x, b, y):
+def _matvec_q4_portable(packed, scale, x, b, y):
     """y = W x + b for 4-bit W; x is quantised per group first (`quantize_groups_i8`), and
     xcorr removes the nibble zero point: w = (nibble - 8) * scale."""
     xq, xscale, xcorr = quantize_groups_i8(x, x.size // scale.shape[1])
@@ -264,9 +261,9 @@ def _block_rows(rows, row_bytes, multiple):
 
 
 @njit(parallel=True, **_opts)
-def matmat(w, X, b, Y):
+def _matmat_portable(w, X, b, Y):
     """Y[j] = W X[j] + b for every row j of X (B, in); f32 or bf16 (uint16 bits) W (out, in).
-    Each Y[j] equals `matvec(w, X[j], b, .)` bit for bit."""
+    Each Y[j] equals `_matvec_portable(w, X[j], b, .)` bit for bit."""
     rows, B = w.shape[0], X.shape[0]
     if X.shape[1] <= _WIDE_INPUT:
         blk = _block_rows(rows, w.shape[1] * w.itemsize, 1)
@@ -288,6 +285,72 @@ def matmat(w, X, b, Y):
         for j in range(B):
             for r in range(full, rows):
                 Y[j, r] = _dot(w[r], X[j]) + _bias(b, r)
+
+
+# -- x86: register-blocked tiles (`tile.py`), the same per-row arithmetic at any batch size ----
+
+if ISA:
+    _t4x1, _t1x1, _t4x2, _t1x2, _t4x3, _t1x3 = (tile(R, J) for R, J in
+                                                ((4, 1), (1, 1), (4, 2), (1, 2), (4, 3), (1, 3)))
+    # no fastmath where the tiles are inlined: Numba's fast-math pass flags every float op of
+    # the function, the tiles' in-order lane sums included, and LLVM then reorders them
+    # differently per tile shape (a row's bits changed with the batch size)
+    _exact = dict(cache=True, nogil=True)
+
+    @njit(parallel=True, **_exact)
+    def _matvec_tiled(w, x, b, y):
+        """y = W x + b, four weight rows per tile (x is read once for the four)."""
+        rows = w.shape[0]
+        X, Y = x.reshape(1, x.size), y.reshape(1, rows)
+        for t in prange(rows // 4):
+            _t4x1(w, X, Y, 4 * t, 0)
+        for r in range(rows - rows % 4, rows):
+            _t1x1(w, X, Y, r, 0)
+        if b.size:
+            for r in range(rows):
+                y[r] += b[r]
+
+    @njit(**_exact)
+    def _tiles(w, X, Y, lo, hi, j, J):
+        """Rows lo..hi of W against rows j..j+J of X (J <= 3), four weight rows per tile."""
+        full = hi - (hi - lo) % 4
+        if J == 3:
+            for r in range(lo, full, 4):
+                _t4x3(w, X, Y, r, j)
+            for r in range(full, hi):
+                _t1x3(w, X, Y, r, j)
+        elif J == 2:
+            for r in range(lo, full, 4):
+                _t4x2(w, X, Y, r, j)
+            for r in range(full, hi):
+                _t1x2(w, X, Y, r, j)
+        else:
+            for r in range(lo, full, 4):
+                _t4x1(w, X, Y, r, j)
+            for r in range(full, hi):
+                _t1x1(w, X, Y, r, j)
+
+    @njit(parallel=True, **_exact)
+    def _matmat_tiled(w, X, b, Y):
+        """Y[j] = W X[j] + b: a block of weight rows stays in L2 while 4 x 3 tiles pass over
+        every three rows of X; each Y[j] equals `_matvec_tiled(w, X[j], b, .)` bit for bit."""
+        rows, B = w.shape[0], X.shape[0]
+        blk = _block_rows(rows, w.shape[1] * w.itemsize, 4)
+        for t in prange((rows + blk - 1) // blk):
+            lo, hi = t * blk, min(rows, (t + 1) * blk)
+            for j in range(0, B, 3):
+                _tiles(w, X, Y, lo, hi, j, min(3, B - j))
+            if b.size:
+                for j in range(B):
+                    for r in range(lo, hi):
+                        Y[j, r] += b[r]
+
+    matvec, matmat = _matvec_tiled, _matmat_tiled
+else:
+    matvec, matmat = _matvec_portable, _matmat_portable
+matvec.__doc__ = "y = W x + b for f32 or bf16 (uint16 bits) W (b empty: no bias)."
+matmat.__doc__ = """Y[j] = W X[j] + b for every row j of X (B, in); f32 or bf16 (uint16 bits) W
+(out, in). Each Y[j] equals `matvec(w, X[j], b, .)` bit for bit."""
 
 
 @njit(parallel=True, **_opts)
@@ -316,8 +379,8 @@ def _quantize_rows_i16(X):
 
 
 @njit(parallel=True, **_opts)
-def matmat_i8(w, scale, X, b, Y):
-    """`matmat` for int8 W (per-row scales); each row as `matvec_i8`."""
+def _matmat_i8_portable(w, scale, X, b, Y):
+    """`matmat` for int8 W (per-row scales); each row as `_matvec_i8_portable`."""
     x16, xscale = _quantize_rows_i16(X)
     rows, B = w.shape[0], X.shape[0]
     blk = _block_rows(rows, w.shape[1], 1)
@@ -326,6 +389,59 @@ def matmat_i8(w, scale, X, b, Y):
             xj, y, sj = x16[j], Y[j], xscale[j]
             for r in range(t * blk, min(rows, (t + 1) * blk)):
                 y[r] = _dot_i8(w[r], xj) * (scale[r] * sj) + _bias(b, r)
+
+
+if ISA:
+    _i4x1, _i1x1, _i4x2, _i1x2 = (tile_i8(R, J, ISA == "vnni") for R, J in
+                                  ((4, 1), (1, 1), (4, 2), (1, 2)))
+
+    @njit(**_exact)
+    def _scale_rows(Y, scale, xscale, b, lo, hi):
+        """Y[j, r] = dot * (scale[r] * xscale[j]) + b[r] for rows lo..hi: the one float step
+        after the integer dots, the same expression at every batch size."""
+        for j in range(Y.shape[0]):
+            sj = xscale[j]
+            for r in range(lo, hi):
+                Y[j, r] = Y[j, r] * (scale[r] * sj) + _bias(b, r)
+
+    @njit(parallel=True, **_exact)
+    def _matvec_i8_tiled(w, scale, x, b, y):
+        """y = W x + b for int8 W: x quantized to int16 (`quantize_i16`), four weight rows per
+        integer tile (`tile.tile_i8`)."""
+        x16, xscale = quantize_i16(x)
+        rows = w.shape[0]
+        X, Y = x16.reshape(1, x.size), y.reshape(1, rows)
+        for t in prange(rows // 4):
+            _i4x1(w, X, Y, 4 * t, 0)
+        for r in range(rows - rows % 4, rows):
+            _i1x1(w, X, Y, r, 0)
+        _scale_rows(Y, scale, np.full(1, xscale, np.float32), b, 0, rows)
+
+    @njit(parallel=True, **_exact)
+    def _matmat_i8_tiled(w, scale, X, b, Y):
+        """`matmat` for int8 W: a block of weight rows stays in L2 while 4 x 2 integer tiles
+        pass over every two rows of X; each row equals `_matvec_i8_tiled` bit for bit."""
+        x16, xscale = _quantize_rows_i16(X)
+        rows, B = w.shape[0], X.shape[0]
+        blk = _block_rows(rows, w.shape[1], 4)
+        for t in prange((rows + blk - 1) // blk):
+            lo, hi = t * blk, min(rows, (t + 1) * blk)
+            full = hi - (hi - lo) % 4
+            for j in range(0, B - B % 2, 2):
+                for r in range(lo, full, 4):
+                    _i4x2(w, x16, Y, r, j)
+                for r in range(full, hi):
+                    _i1x2(w, x16, Y, r, j)
+            if B % 2:
+                for r in range(lo, full, 4):
+                    _i4x1(w, x16, Y, r, B - 1)
+                for r in range(full, hi):
+                    _i1x1(w, x16, Y, r, B - 1)
+            _scale_rows(Y, scale, xscale, b, lo, hi)
+
+    matvec_i8, matmat_i8 = _matvec_i8_tiled, _matmat_i8_tiled
+else:
+    matvec_i8, matmat_i8 = _matvec_i8_portable, _matmat_i8_portable
 
 
 @njit(**_opts)
@@ -341,8 +457,8 @@ def _quantize_rows_groups_i8(X, group):
 
 
 @njit(parallel=True, **_opts)
-def matmat_q4(packed, scale, X, b, Y):
-    """`matmat` for 4-bit W; each row as `matvec_q4`."""
+def _matmat_q4_portable(packed, scale, X, b, Y):
+    """`matmat` for 4-bit W; each row as `_matvec_q4_portable`."""
     xq, xscale, xcorr = _quantize_rows_groups_i8(X, X.shape[1] // scale.shape[1])
     rows, B = packed.shape[0], X.shape[0]
     blk = _block_rows(rows, packed.shape[1] + 2 * scale.shape[1], 1)
@@ -353,6 +469,92 @@ def matmat_q4(packed, scale, X, b, Y):
             for r in range(t * blk, min(rows, (t + 1) * blk)):
                 corr = _combined_scales(scale[r], xsj, xcj, cs)
                 y[r] = _q4_row_dot(packed[r], xqj, cs) - corr + _bias(b, r)
+
+
+@njit(**_opts)
+def _quantize_groups_q4(X):
+    """Every row of X (B, n) quantized per group of Q4_GROUP as `quantize_groups_i8` does:
+    (int8 XQ (B, n), f32 XS (B, n/G), int32 XT (B, n/G) = 8 * the group's sum of XQ), the
+    zero-point term kept in integers for `tile.tile_q4`."""
+    B, n = X.shape
+    ng = n // Q4_GROUP
+    XQ = np.empty((B, n), np.int8)
+    XS, XT = np.empty((B, ng), np.float32), np.empty((B, ng), np.int32)
+    for j in range(B):
+        for g in range(ng):
+            m = np.float32(0.0)
+            for k in range(g * Q4_GROUP, (g + 1) * Q4_GROUP):
+                m = max(m, abs(X[j, k]))
+            s = m / np.float32(127.0) if m > 0 else np.float32(1.0)
+            inv = np.float32(1.0) / s
+            t = np.int32(0)
+            for k in range(g * Q4_GROUP, (g + 1) * Q4_GROUP):
+                q = np.int32(np.rint(X[j, k] * inv))
+                XQ[j, k] = q
+                t += q
+            XS[j, g], XT[j, g] = s, np.int32(8) * t
+    return XQ, XS, XT
+
+
+if ISA:
+    _q4x1, _q1x1, _q4x2, _q1x2 = (tile_q4(R, J, ISA == "vnni") for R, J in
+                                  ((4, 1), (1, 1), (4, 2), (1, 2)))
+
+    @njit(parallel=True, **_exact)
+    def _matvec_q4_tiled(packed, scale, x, b, y):
+        """y = W x + b for 4-bit W (groups of Q4_GROUP): x quantized per group, four weight
+        rows per integer tile (`tile.tile_q4`)."""
+        XQ, XS, XT = _quantize_groups_q4(x.reshape(1, x.size))
+        rows = packed.shape[0]
+        Y = y.reshape(1, rows)
+        for t in prange(rows // 4):
+            _q4x1(packed, scale, XQ, XS, XT, Y, 4 * t, 0)
+        for r in range(rows - rows % 4, rows):
+            _q1x1(packed, scale, XQ, XS, XT, Y, r, 0)
+        if b.size:
+            for r in range(rows):
+                y[r] += b[r]
+
+    @njit(parallel=True, **_exact)
+    def _matmat_q4_tiled(packed, scale, X, b, Y):
+        """`matmat` for 4-bit W: 4 x 2 integer tiles over a block of weight rows kept in L2;
+        each row equals `_matvec_q4_tiled` bit for bit."""
+        XQ, XS, XT = _quantize_groups_q4(X)
+        rows, B = packed.shape[0], X.shape[0]
+        blk = _block_rows(rows, packed.shape[1] + 2 * scale.shape[1], 4)
+        for t in prange((rows + blk - 1) // blk):
+            lo, hi = t * blk, min(rows, (t + 1) * blk)
+            full = hi - (hi - lo) % 4
+            for j in range(0, B - B % 2, 2):
+                for r in range(lo, full, 4):
+                    _q4x2(packed, scale, XQ, XS, XT, Y, r, j)
+                for r in range(full, hi):
+                    _q1x2(packed, scale, XQ, XS, XT, Y, r, j)
+            if B % 2:
+                for r in range(lo, full, 4):
+                    _q4x1(packed, scale, XQ, XS, XT, Y, r, B - 1)
+                for r in range(full, hi):
+                    _q1x1(packed, scale, XQ, XS, XT, Y, r, B - 1)
+            if b.size:
+                for j in range(B):
+                    for r in range(lo, hi):
+                        Y[j, r] += b[r]
+
+    def matvec_q4(packed, scale, x, b, y):
+        """y = W x + b for 4-bit W (see the module docstring)."""
+        if scale.shape[1] * Q4_GROUP == x.size:
+            _matvec_q4_tiled(packed, scale, x, b, y)
+        else:  # another group size (not written by rgemma's quantizer)
+            _matvec_q4_portable(packed, scale, x, b, y)
+
+    def matmat_q4(packed, scale, X, b, Y):
+        """`matmat` for 4-bit W; each row as `matvec_q4`."""
+        if scale.shape[1] * Q4_GROUP == X.shape[1]:
+            _matmat_q4_tiled(packed, scale, X, b, Y)
+        else:
+            _matmat_q4_portable(packed, scale, X, b, Y)
+else:
+    matvec_q4, matmat_q4 = _matvec_q4_portable, _matmat_q4_portable
 
 
 @njit(parallel=True, **_opts)

@@ -1,0 +1,317 @@
+"""Register-blocked f32 dot tiles, hand-written in LLVM IR: R weight rows against J activation
+rows at once, each (row, activation) pair with its own fixed sequence of operations.
+
+`tile(R, J)` returns a Numba intrinsic `t(w, X, Y, r0, j0)` that stores Y[j0 + j, r0 + r] =
+w[r0 + r] . X[j0 + j] for r < R, j < J, with w (rows, n) float32 or bf16 (uint16 bits) and X
+(B, n), Y (B, rows) float32, all C-contiguous. One step of the loop loads J activation vectors
+and R weight vectors (bf16 widened by a shift) and issues R * J fused multiply-adds, so the
+weight bytes are read once for J rows and the activation bytes once for R rows: the batched
+step's linear layers get the FMA throughput a dot-per-pair loop (two loads per FMA) cannot.
+
+Batch invariance by construction: every pair accumulates in one 8-lane vector with `llvm.fma`
+over i = 0, 8, 16, ... (no fast-math flags, so LLVM may not reorder anything), then sums the
+lanes in order 0..7 and adds the n % 8 tail in order. That sequence does not depend on R, J or
+the other pairs, so a row's result is bit for bit the same in a tile of any shape: the
+one-sequence decode (`matvec`, J = 1) and the batched step (`matmat`, J = 3) agree exactly.
+x86 only (`cpu.ISA`); elsewhere the kernels keep their compiler-vectorised loops.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+LANES = 8  # f32 lanes of a 256-bit register
+
+
+@functools.cache
+def tile(R: int, J: int):
+    """The R x J dot tile intrinsic (see the module docstring); built once per shape."""
+
+    @intrinsic
+    def _tile(typingctx, w, X, Y, r0, j0):
+        def codegen(context, builder, signature, args):
+            mod = builder.module
+            wa, xa, ya = (context.make_array(t)(context, builder, a)
+                          for t, a in zip(signature.args[:3], args[:3]))
+            r0v, j0v = args[3], args[4]
+            i64, i32 = ir.IntType(64), ir.IntType(32)
+            f32 = ir.FloatType()
+            f32x8 = ir.VectorType(f32, LANES)
+            bf16 = signature.args[0].dtype == types.uint16
+            n = builder.extract_value(xa.shape, 1)
+            wrow = builder.extract_value(wa.shape, 1)
+            yrow = builder.extract_value(ya.shape, 1)
+            fma8 = cgutils.get_or_insert_function(mod, ir.FunctionType(f32x8, [f32x8] * 3),
+                                                  "llvm.fma.v8f32")
+            wbase = [builder.mul(builder.add(r0v, ir.Constant(i64, r)), wrow) for r in range(R)]
+            xbase = [builder.mul(builder.add(j0v, ir.Constant(i64, j)), n) for j in range(J)]
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32x8, None))
+                     for _ in range(J)] for _ in range(R)]
+
+            def load_w(r, i):  # 8 weights of row r from i, as f32
+                p = builder.gep(wa.data, [builder.add(wbase[r], i)])
+                if not bf16:
+                    return builder.load(builder.bitcast(p, f32x8.as_pointer()), align=4)
+                i16x8 = ir.VectorType(ir.IntType(16), LANES)
+                v = builder.zext(builder.load(builder.bitcast(p, i16x8.as_pointer()), align=2),
+                                 ir.VectorType(i32, LANES))
+                v = builder.shl(v, ir.Constant(ir.VectorType(i32, LANES), [16] * LANES))
+                return builder.bitcast(v, f32x8)
+
+            def load_x(j, i):
+                p = builder.gep(xa.data, [builder.add(xbase[j], i)])
+                return builder.load(builder.bitcast(p, f32x8.as_pointer()), align=4)
+
+            trips = builder.udiv(n, ir.Constant(i64, LANES))
+            with cgutils.for_range(builder, trips) as loop:
+                i = builder.mul(loop.index, ir.Constant(i64, LANES))
+                xs = [load_x(j, i) for j in range(J)]
+                for r in range(R):
+                    wv = load_w(r, i)
+                    for j in range(J):
+                        acc = accs[r][j]
+                        builder.store(builder.call(fma8, [wv, xs[j], builder.load(acc)]), acc)
+            done = builder.mul(trips, ir.Constant(i64, LANES))
+            for r in range(R):
+                for j in range(J):
+                    v = builder.load(accs[r][j])
+                    total = cgutils.alloca_once_value(
+                        builder, builder.extract_element(v, ir.Constant(i32, 0)))
+                    for k in range(1, LANES):
+                        builder.store(builder.fadd(builder.load(total), builder.extract_element(
+                            v, ir.Constant(i32, k))), total)
+                    with cgutils.for_range(builder, builder.sub(n, done)) as tail:
+                        i = builder.add(done, tail.index)
+                        wp = builder.gep(wa.data, [builder.add(wbase[r], i)])
+                        if bf16:
+                            wi = builder.bitcast(builder.shl(builder.zext(builder.load(wp), i32),
+                                                             ir.Constant(i32, 16)), f32)
+                        else:
+                            wi = builder.load(wp)
+                        xi = builder.load(builder.gep(xa.data, [builder.add(xbase[j], i)]))
+                        builder.store(builder.fadd(builder.load(total), builder.fmul(wi, xi)), total)
+                    yi = builder.add(builder.mul(builder.add(j0v, ir.Constant(i64, j)), yrow),
+                                     builder.add(r0v, ir.Constant(i64, r)))
+                    builder.store(builder.load(total), builder.gep(ya.data, [yi]))
+            return context.get_dummy_value()
+
+        for a, dts in ((w, (types.float32, types.uint16)), (X, (types.float32,)),
+                       (Y, (types.float32,))):
+            if not (isinstance(a, types.Array) and a.dtype in dts and a.ndim == 2 and a.layout == "C"):
+                return None
+        if not (isinstance(r0, types.Integer) and isinstance(j0, types.Integer)):
+            return None
+        return types.none(w, X, Y, types.int64, types.int64), codegen
+
+    return _tile
+
+
+I8_BLOCK = 256  # weights whose int32 partial sums are exact before going to float
+
+
+@functools.cache
+def tile_i8(R: int, J: int, vnni: bool):
+    """The R x J tile of int8 weights against int16 activations: `t(w, X16, Y, r0, j0)` stores
+    Y[j0 + j, r0 + r] = sum_i w[r0 + r, i] * X16[j0 + j, i] as float32, w (rows, n) int8, X16
+    (B, n) int16, Y (B, rows) float32.
+
+    Per 16 weights, one sign-extending load of each weight row and one load of each activation
+    row, then R * J `vpmaddwd` (16 products summed in pairs into 8 int32 lanes; with VNNI one
+    `vpdpwssd`, the add fused). Every pair sums each run of 256 weights exactly in int32 lanes
+    (|sum| <= 256 * 127 * 32767 < 2**31), adds it to its f32 lanes, then sums the lanes in
+    order and adds the n % 256 tail: a fixed sequence whatever R and J (integer sums are exact,
+    so how the products are grouped cannot change them), hence batch invariance."""
+
+    @intrinsic
+    def _tile(typingctx, w, X, Y, r0, j0):
+        def codegen(context, builder, signature, args):
+            mod = builder.module
+            wa, xa, ya = (context.make_array(t)(context, builder, a)
+                          for t, a in zip(signature.args[:3], args[:3]))
+            r0v, j0v = args[3], args[4]
+            i64, i32, f32 = ir.IntType(64), ir.IntType(32), ir.FloatType()
+            i8x16, i16x16, i32x8 = (ir.VectorType(ir.IntType(b), c)
+                                    for b, c in ((8, 16), (16, 16), (32, 8)))
+            f32x8 = ir.VectorType(f32, LANES)
+            n = builder.extract_value(xa.shape, 1)
+            wrow = builder.extract_value(wa.shape, 1)
+            yrow = builder.extract_value(ya.shape, 1)
+            if vnni:
+                dp = cgutils.get_or_insert_function(mod, ir.FunctionType(i32x8, [i32x8] * 3),
+                                                    "llvm.x86.avx512.vpdpwssd.256")
+            else:
+                mwd = cgutils.get_or_insert_function(mod, ir.FunctionType(i32x8, [i16x16] * 2),
+                                                     "llvm.x86.avx2.pmadd.wd")
+            wbase = [builder.mul(builder.add(r0v, ir.Constant(i64, r)), wrow) for r in range(R)]
+            xbase = [builder.mul(builder.add(j0v, ir.Constant(i64, j)), n) for j in range(J)]
+            faccs = [[cgutils.alloca_once_value(builder, ir.Constant(f32x8, None))
+                      for _ in range(J)] for _ in range(R)]
+            iaccs = [[cgutils.alloca_once(builder, i32x8) for _ in range(J)] for _ in range(R)]
+
+            blocks = builder.udiv(n, ir.Constant(i64, I8_BLOCK))
+            with cgutils.for_range(builder, blocks) as blk:
+                for r in range(R):
+                    for j in range(J):
+                        builder.store(ir.Constant(i32x8, None), iaccs[r][j])
+                base = builder.mul(blk.index, ir.Constant(i64, I8_BLOCK))
+                with cgutils.for_range(builder, ir.Constant(i64, I8_BLOCK // 16)) as inner:
+                    i = builder.add(base, builder.mul(inner.index, ir.Constant(i64, 16)))
+                    xs = [builder.load(builder.bitcast(builder.gep(xa.data, [builder.add(xbase[j], i)]),
+                                                       i16x16.as_pointer()), align=2) for j in range(J)]
+                    for r in range(R):
+                        wv = builder.load(builder.bitcast(builder.gep(wa.data, [builder.add(wbase[r], i)]),
+                                                          i8x16.as_pointer()), align=1)
+                        wv = builder.sext(wv, i16x16)
+                        for j in range(J):
+                            a = builder.load(iaccs[r][j])
+                            if vnni:
+                                a = builder.call(dp, [a, builder.bitcast(wv, i32x8),
+                                                      builder.bitcast(xs[j], i32x8)])
+                            else:
+                                a = builder.add(a, builder.call(mwd, [wv, xs[j]]))
+                            builder.store(a, iaccs[r][j])
+                for r in range(R):
+                    for j in range(J):
+                        builder.store(builder.fadd(builder.load(faccs[r][j]),
+                                                   builder.sitofp(builder.load(iaccs[r][j]), f32x8)),
+                                      faccs[r][j])
+            done = builder.mul(blocks, ir.Constant(i64, I8_BLOCK))
+            for r in range(R):
+                for j in range(J):
+                    v = builder.load(faccs[r][j])
+                    total = builder.extract_element(v, ir.Constant(i32, 0))
+                    for k in range(1, LANES):
+                        total = builder.fadd(total, builder.extract_element(v, ir.Constant(i32, k)))
+                    tail = cgutils.alloca_once_value(builder, ir.Constant(i32, 0))
+                    with cgutils.for_range(builder, builder.sub(n, done)) as loop:
+                        i = builder.add(done, loop.index)
+                        p = builder.mul(
+                            builder.sext(builder.load(builder.gep(wa.data, [builder.add(wbase[r], i)])), i32),
+                            builder.sext(builder.load(builder.gep(xa.data, [builder.add(xbase[j], i)])), i32))
+                        builder.store(builder.add(builder.load(tail), p), tail)
+                    total = builder.fadd(total, builder.sitofp(builder.load(tail), f32))
+                    yi = builder.add(builder.mul(builder.add(j0v, ir.Constant(i64, j)), yrow),
+                                     builder.add(r0v, ir.Constant(i64, r)))
+                    builder.store(total, builder.gep(ya.data, [yi]))
+            return context.get_dummy_value()
+
+        for a, dt in ((w, types.int8), (X, types.int16), (Y, types.float32)):
+            if not (isinstance(a, types.Array) and a.dtype == dt and a.ndim == 2 and a.layout == "C"):
+                return None
+        if not (isinstance(r0, types.Integer) and isinstance(j0, types.Integer)):
+            return None
+        return types.none(w, X, Y, types.int64, types.int64), codegen
+
+    return _tile
+
+
+Q4_GROUP = 64  # 4-bit weights per group: 32 packed bytes, one 256-bit register
+
+
+@functools.cache
+def tile_q4(R: int, J: int, vnni: bool):
+    """The R x J tile of 4-bit weights against int8 activations quantized per group:
+    `t(packed, scale, XQ, XS, XT, Y, r0, j0)` stores Y[j0 + j, r0 + r] = W[r0 + r] . x_j, with
+    packed (rows, n/2) uint8 (in each group of 64, byte k holds weight k in its low nibble and
+    weight k + 32 in its high one), scale (rows, n/64) bf16 bits or float32, w = (nibble - 8) *
+    scale; XQ (B, n) int8, XS (B, n/64) float32 (x = XQ * XS per group), XT (B, n/64) int32 =
+    8 * the sum of XQ over each group (the zero point, subtracted exactly in integers).
+
+    Per group and pair: the integer dot of nibbles and XQ (AVX2 `vpmaddubsw` + `vpmaddwd`;
+    VNNI `vpdpbusd`), minus XT in lane 0, converted to f32 and multiplied into one 8-lane
+    accumulator by scale * XS (one `llvm.fma`); the lanes are summed in order at the end. The
+    nibbles of a weight row are unpacked once for all J activation rows. As `tile`, the
+    sequence per pair does not depend on R or J: batch invariance by construction."""
+
+    @intrinsic
+    def _tile(typingctx, packed, scale, XQ, XS, XT, Y, r0, j0):
+        def codegen(context, builder, signature, args):
+            mod = builder.module
+            pa, sa, qa, xsa, xta, ya = (context.make_array(t)(context, builder, a)
+                                        for t, a in zip(signature.args[:6], args[:6]))
+            r0v, j0v = args[6], args[7]
+            i64, i32, f32 = ir.IntType(64), ir.IntType(32), ir.FloatType()
+            i8x32, i16x16, i32x8 = (ir.VectorType(ir.IntType(b), c)
+                                    for b, c in ((8, 32), (16, 16), (32, 8)))
+            f32x8 = ir.VectorType(f32, LANES)
+            bf16 = signature.args[1].dtype == types.uint16
+            prow = builder.extract_value(pa.shape, 1)
+            ngroups = builder.extract_value(sa.shape, 1)
+            n = builder.extract_value(qa.shape, 1)
+            yrow = builder.extract_value(ya.shape, 1)
+            fma8 = cgutils.get_or_insert_function(mod, ir.FunctionType(f32x8, [f32x8] * 3),
+                                                  "llvm.fma.v8f32")
+            if vnni:
+                dpbusd = cgutils.get_or_insert_function(mod, ir.FunctionType(i32x8, [i32x8] * 3),
+                                                        "llvm.x86.avx512.vpdpbusd.256")
+            else:
+                mub = cgutils.get_or_insert_function(mod, ir.FunctionType(i16x16, [i8x32, i8x32]),
+                                                     "llvm.x86.avx2.pmadd.ub.sw")
+                mwd = cgutils.get_or_insert_function(mod, ir.FunctionType(i32x8, [i16x16, i16x16]),
+                                                     "llvm.x86.avx2.pmadd.wd")
+            rows_ = [builder.add(r0v, ir.Constant(i64, r)) for r in range(R)]
+            cols_ = [builder.add(j0v, ir.Constant(i64, j)) for j in range(J)]
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32x8, None))
+                     for _ in range(J)] for _ in range(R)]
+
+            def at(arr, row, width, col):
+                return builder.gep(arr.data, [builder.add(builder.mul(row, width), col)])
+
+            def load32(ptr):
+                return builder.load(builder.bitcast(ptr, i8x32.as_pointer()), align=1)
+
+            with cgutils.for_range(builder, ngroups) as loop:
+                g = loop.index
+                xo = builder.mul(g, ir.Constant(i64, Q4_GROUP))
+                xs = [(load32(at(qa, c, n, xo)),
+                       load32(at(qa, c, n, builder.add(xo, ir.Constant(i64, Q4_GROUP // 2)))),
+                       builder.load(at(xsa, c, ngroups, g)),
+                       builder.load(at(xta, c, ngroups, g))) for c in cols_]
+                for r in range(R):
+                    b = load32(at(pa, rows_[r], prow, builder.mul(g, ir.Constant(i64, Q4_GROUP // 2))))
+                    lo = builder.and_(b, ir.Constant(i8x32, [15] * 32))
+                    hi = builder.lshr(b, ir.Constant(i8x32, [4] * 32))
+                    s = builder.load(at(sa, rows_[r], ngroups, g))
+                    if bf16:
+                        s = builder.bitcast(builder.shl(builder.zext(s, i32), ir.Constant(i32, 16)), f32)
+                    for j in range(J):
+                        x0, x1, xsc, xt = xs[j]
+                        if vnni:
+                            d = builder.call(dpbusd, [ir.Constant(i32x8, None), builder.bitcast(lo, i32x8),
+                                                      builder.bitcast(x0, i32x8)])
+                            d = builder.call(dpbusd, [d, builder.bitcast(hi, i32x8), builder.bitcast(x1, i32x8)])
+                        else:
+                            s16 = builder.add(builder.call(mub, [lo, x0]), builder.call(mub, [hi, x1]))
+                            d = builder.call(mwd, [s16, ir.Constant(i16x16, [1] * 16)])
+                        d = builder.sub(d, builder.insert_element(ir.Constant(i32x8, None), xt,
+                                                                  ir.Constant(i32, 0)))
+                        cs = builder.fmul(s, xsc)
+                        csv = builder.insert_element(ir.Constant(f32x8, None), cs, ir.Constant(i32, 0))
+                        csv = builder.shuffle_vector(csv, csv, ir.Constant(ir.VectorType(i32, 8), [0] * 8))
+                        acc = accs[r][j]
+                        builder.store(builder.call(fma8, [builder.sitofp(d, f32x8), csv,
+                                                          builder.load(acc)]), acc)
+            for r in range(R):
+                for j in range(J):
+                    v = builder.load(accs[r][j])
+                    total = builder.extract_element(v, ir.Constant(i32, 0))
+                    for k in range(1, LANES):
+                        total = builder.fadd(total, builder.extract_element(v, ir.Constant(i32, k)))
+                    builder.store(total, at(ya, cols_[j], yrow, rows_[r]))
+            return context.get_dummy_value()
+
+        want = ((packed, (types.uint8,)), (scale, (types.uint16, types.float32)), (XQ, (types.int8,)),
+                (XS, (types.float32,)), (XT, (types.int32,)), (Y, (types.float32,)))
+        for a, dts in want:
+            if not (isinstance(a, types.Array) and a.dtype in dts and a.ndim == 2 and a.layout == "C"):
+                return None
+        if not (isinstance(r0, types.Integer) and isinstance(j0, types.Integer)):
+            return None
+        return types.none(packed, scale, XQ, XS, XT, Y, types.int64, types.int64), codegen
+
+    return _tile
