@@ -100,6 +100,8 @@ class Sequence:
         self.submitted = time.perf_counter()
         self.started = self.first_token_at = self.finished = None  # perf_counter times
         self._cancel = False
+        self._at_prompt = None  # (state, recent) once the prompt is read, kept for the cache
+        # when a stop string may cut the reply (see `Engine._cache`)
         self._detok = tokenizer.detokenizer()
         self._all = ""  # generated text, including what is held back
         self._out = 0  # chars of _all already streamed
@@ -273,6 +275,8 @@ class Engine:
                     if seq.request.max_tokens == 0:  # only read the prompt (into the cache)
                         events.append((seq, seq._finish("length")))
                     else:
+                        if not seq.tokens and seq.stops and self.cache is not None:
+                            seq._at_prompt = (seq.state.copy(), seq.recent)
                         events.append((seq, seq._sample(logits)))
                         self.tokens_decoded += 1
                 except Exception as e:
@@ -334,12 +338,20 @@ class Engine:
                 except Exception:
                     pass  # only a cache entry is lost
             self._cache(seq)
-        seq.state = None  # free the state now: the caller may keep the Sequence for long
+        seq.state = seq._at_prompt = None  # free the states now: the caller may keep the Sequence
 
     def _cache(self, seq: Sequence) -> None:
         """Keep the state under the ids read and, for a reply read to its end, also under the
-        ids the client will render for it (`Request.render_reply`)."""
+        ids the client will render for it (`Request.render_reply`). A reply cut by a stop
+        string ends inside what the state has read (the client sends back only the text before
+        the stop string), so for it the state at the end of the prompt is kept instead: the
+        next turn then reads the short reply and its own message, not the whole conversation."""
         if not seq.fed:
+            return
+        if seq.tokens and seq.finish_reason == "stop" and seq.tokens[-1] not in seq.stop_ids:
+            if seq._at_prompt is not None:
+                state, recent = seq._at_prompt
+                self.cache.put(seq.prompt, state, recent)
             return
         aliases = []
         n = len(seq.prompt)

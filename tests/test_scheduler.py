@@ -159,3 +159,28 @@ def test_a_prompt_with_max_tokens_0_is_read_into_the_cache(demo):
     again, _ = submit(sched, Request(ask, SamplerSettings(seed=1), 2))
     run_all(sched)
     assert again.cached_tokens == len(ids)
+
+
+def test_a_reply_cut_by_a_stop_string_still_saves_the_conversation(demo):
+    """The client sends back only the text before the stop string, which the state read past:
+    the next turn starts from the state at the end of the previous prompt instead, and reads
+    the short reply and the new message, not the whole conversation."""
+    model, tok = demo
+    cache = StateCache(1 << 20, model=model, tokenizer=tok)
+    sched = Scheduler(model, tok, cache=cache, prefill_chunk=16)
+    messages = [{"role": "user", "content": "Tell me about the sea and the ships on it. " * 3}]
+    ids = tuple(tok.chat_messages(messages))
+    stops = frozenset({tok.eos_id, END_OF_TURN})
+    free, _ = submit(sched, Request(ids, SamplerSettings(temperature=0), 24, stop_ids=stops))
+    run_all(sched)
+    stop = free.text[len(free.text) // 2:][:2]
+    assert len(free.text) > 4 and len(stop) == 2
+    cut, _ = submit(sched, Request(ids, SamplerSettings(temperature=0), 24, stop_ids=stops,
+                                   stop_strings=(stop,)))
+    run_all(sched)
+    assert cut.finish_reason == "stop" and cut.text == free.text[:free.text.index(stop)]
+    messages += [{"role": "assistant", "content": cut.text}, {"role": "user", "content": "And?"}]
+    nxt, _ = submit(sched, Request(tuple(tok.chat_messages(messages)), SamplerSettings(temperature=0),
+                                   4, stop_ids=stops))
+    run_all(sched)
+    assert nxt.cached_tokens >= len(ids) and nxt.finish_reason in ("stop", "length")
