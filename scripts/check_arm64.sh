@@ -50,6 +50,11 @@ for m in proc sys dev; do
     }
 done
 cp -L /etc/resolv.conf "$ROOT/etc/resolv.conf"  # pip needs PyPI
+# behind a TLS-intercepting proxy PyPI's certificate is signed by a local CA that only the host's
+# bundle has: give the root a copy and point pip and Python's ssl at it
+CA=/etc/ssl/certs/ca-certificates.crt
+[ -f "$CA" ] && mkdir -p "$ROOT/etc/ssl/certs" && cp -L "$CA" "$ROOT/etc/ssl/host-ca-bundle.crt"
+CAENV="PIP_CERT=/etc/ssl/host-ca-bundle.crt SSL_CERT_FILE=/etc/ssl/host-ca-bundle.crt REQUESTS_CA_BUNDLE=/etc/ssl/host-ca-bundle.crt"
 
 echo "== the committed tree ($(git -C "$REPO" rev-parse --short HEAD)) into $ROOT/work/rgemma"
 rm -rf "$ROOT/work/rgemma"
@@ -58,7 +63,7 @@ git -C "$REPO" archive HEAD | tar -x -C "$ROOT/work/rgemma"
 
 start=$(date +%s)
 set +e
-chroot "$ROOT" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root LANG=C.UTF-8 \
+chroot "$ROOT" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root LANG=C.UTF-8 $CAENV \
     /bin/bash -c 'set -e; cd /work/rgemma; uname -m; python3 --version; make install; make test' \
     | tee "$ROOT/work/rgemma-arm64.log"
 status=${PIPESTATUS[0]}
