@@ -500,17 +500,43 @@ if ISA:
     _q4x1, _q1x1, _q4x2, _q1x2 = (tile_q4(R, J, ISA == "vnni") for R, J in
                                   ((4, 1), (1, 1), (4, 2), (1, 2)))
 
+    @njit(**_exact)
+    def _tile_scales(scale, XS, r0, R, j0, J, CS):
+        """CS[r * J + j, g] = scale[r0 + r, g] (bf16 bits or f32) * XS[j0 + j, g]: one product
+        per (row, activation row, group), the same whichever tile uses it."""
+        for r in range(R):
+            for j in range(J):
+                for g in range(scale.shape[1]):
+                    CS[r * J + j, g] = as_f32(scale[r0 + r, g]) * XS[j0 + j, g]
+
+    @njit(**_exact)
+    def _q4_tiles(packed, scale, XQ, XS, XT, Y, lo, hi, j, J, CS):
+        """Rows lo..hi of W against rows j..j+J of X (J <= 2), four weight rows per tile."""
+        full = hi - (hi - lo) % 4
+        for r in range(lo, full, 4):
+            _tile_scales(scale, XS, r, 4, j, J, CS)
+            if J == 2:
+                _q4x2(packed, CS, XQ, XT, Y, r, j)
+            else:
+                _q4x1(packed, CS, XQ, XT, Y, r, j)
+        for r in range(full, hi):
+            _tile_scales(scale, XS, r, 1, j, J, CS)
+            if J == 2:
+                _q1x2(packed, CS, XQ, XT, Y, r, j)
+            else:
+                _q1x1(packed, CS, XQ, XT, Y, r, j)
+
     @njit(parallel=True, **_exact)
     def _matvec_q4_tiled(packed, scale, x, b, y):
         """y = W x + b for 4-bit W (groups of Q4_GROUP): x quantized per group, four weight
         rows per integer tile (`tile.tile_q4`)."""
         XQ, XS, XT = _quantize_groups_q4(x.reshape(1, x.size))
-        rows = packed.shape[0]
+        rows, ng = packed.shape[0], scale.shape[1]
         Y = y.reshape(1, rows)
-        for t in prange(rows // 4):
-            _q4x1(packed, scale, XQ, XS, XT, Y, 4 * t, 0)
-        for r in range(rows - rows % 4, rows):
-            _q1x1(packed, scale, XQ, XS, XT, Y, r, 0)
+        chunk = 64  # rows per parallel task (a multiple of 4), each with its scratch of scales
+        for t in prange((rows + chunk - 1) // chunk):
+            CS = np.empty((4, ng), np.float32)
+            _q4_tiles(packed, scale, XQ, XS, XT, Y, t * chunk, min(rows, (t + 1) * chunk), 0, 1, CS)
         if b.size:
             for r in range(rows):
                 y[r] += b[r]
@@ -520,21 +546,13 @@ if ISA:
         """`matmat` for 4-bit W: 4 x 2 integer tiles over a block of weight rows kept in L2;
         each row equals `_matvec_q4_tiled` bit for bit."""
         XQ, XS, XT = _quantize_groups_q4(X)
-        rows, B = packed.shape[0], X.shape[0]
-        blk = _block_rows(rows, packed.shape[1] + 2 * scale.shape[1], 4)
+        rows, B, ng = packed.shape[0], X.shape[0], scale.shape[1]
+        blk = _block_rows(rows, packed.shape[1] + 2 * ng, 4)
         for t in prange((rows + blk - 1) // blk):
             lo, hi = t * blk, min(rows, (t + 1) * blk)
-            full = hi - (hi - lo) % 4
-            for j in range(0, B - B % 2, 2):
-                for r in range(lo, full, 4):
-                    _q4x2(packed, scale, XQ, XS, XT, Y, r, j)
-                for r in range(full, hi):
-                    _q1x2(packed, scale, XQ, XS, XT, Y, r, j)
-            if B % 2:
-                for r in range(lo, full, 4):
-                    _q4x1(packed, scale, XQ, XS, XT, Y, r, B - 1)
-                for r in range(full, hi):
-                    _q1x1(packed, scale, XQ, XS, XT, Y, r, B - 1)
+            CS = np.empty((8, ng), np.float32)
+            for j in range(0, B, 2):
+                _q4_tiles(packed, scale, XQ, XS, XT, Y, lo, hi, j, min(2, B - j), CS)
             if b.size:
                 for j in range(B):
                     for r in range(lo, hi):

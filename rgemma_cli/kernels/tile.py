@@ -216,32 +216,32 @@ Q4_GROUP = 64  # 4-bit weights per group: 32 packed bytes, one 256-bit register
 @functools.cache
 def tile_q4(R: int, J: int, vnni: bool):
     """The R x J tile of 4-bit weights against int8 activations quantized per group:
-    `t(packed, scale, XQ, XS, XT, Y, r0, j0)` stores Y[j0 + j, r0 + r] = W[r0 + r] . x_j, with
-    packed (rows, n/2) uint8 (in each group of 64, byte k holds weight k in its low nibble and
-    weight k + 32 in its high one), scale (rows, n/64) bf16 bits or float32, w = (nibble - 8) *
-    scale; XQ (B, n) int8, XS (B, n/64) float32 (x = XQ * XS per group), XT (B, n/64) int32 =
-    8 * the sum of XQ over each group (the zero point, subtracted exactly in integers).
+    `t(packed, CS, XQ, XT, Y, r0, j0)` stores Y[j0 + j, r0 + r] = W[r0 + r] . x_j, with packed
+    (rows, n/2) uint8 (in each group of 64, byte k holds weight k in its low nibble and weight
+    k + 32 in its high one), w = (nibble - 8) * scale; CS (R * J, n/64) float32, row r * J + j
+    = the weight row's group scales times x_j's (one product each, made by the caller); XQ (B,
+    n) int8 (x = XQ * its group scale); XT (B, n/64) int32 = 8 * the sum of XQ over each group
+    (the zero point, subtracted exactly in integers).
 
     Per group and pair: the integer dot of nibbles and XQ (AVX2 `vpmaddubsw` + `vpmaddwd`;
     VNNI `vpdpbusd`), minus XT in lane 0, converted to f32 and multiplied into one 8-lane
-    accumulator by scale * XS (one `llvm.fma`); the lanes are summed in order at the end. The
-    nibbles of a weight row are unpacked once for all J activation rows. As `tile`, the
-    sequence per pair does not depend on R or J: batch invariance by construction."""
+    accumulator by the broadcast scale (one `llvm.fma`); the lanes are summed in order at the
+    end. The nibbles of a weight row are unpacked once for all J activation rows. As `tile`,
+    the sequence per pair does not depend on R or J: batch invariance by construction."""
 
     @intrinsic
-    def _tile(typingctx, packed, scale, XQ, XS, XT, Y, r0, j0):
+    def _tile(typingctx, packed, CS, XQ, XT, Y, r0, j0):
         def codegen(context, builder, signature, args):
             mod = builder.module
-            pa, sa, qa, xsa, xta, ya = (context.make_array(t)(context, builder, a)
-                                        for t, a in zip(signature.args[:6], args[:6]))
-            r0v, j0v = args[6], args[7]
+            pa, ca, qa, xta, ya = (context.make_array(t)(context, builder, a)
+                                   for t, a in zip(signature.args[:5], args[:5]))
+            r0v, j0v = args[5], args[6]
             i64, i32, f32 = ir.IntType(64), ir.IntType(32), ir.FloatType()
             i8x32, i16x16, i32x8 = (ir.VectorType(ir.IntType(b), c)
                                     for b, c in ((8, 32), (16, 16), (32, 8)))
             f32x8 = ir.VectorType(f32, LANES)
-            bf16 = signature.args[1].dtype == types.uint16
             prow = builder.extract_value(pa.shape, 1)
-            ngroups = builder.extract_value(sa.shape, 1)
+            ngroups = builder.extract_value(ca.shape, 1)
             n = builder.extract_value(qa.shape, 1)
             yrow = builder.extract_value(ya.shape, 1)
             fma8 = cgutils.get_or_insert_function(mod, ir.FunctionType(f32x8, [f32x8] * 3),
@@ -270,17 +270,15 @@ def tile_q4(R: int, J: int, vnni: bool):
                 xo = builder.mul(g, ir.Constant(i64, Q4_GROUP))
                 xs = [(load32(at(qa, c, n, xo)),
                        load32(at(qa, c, n, builder.add(xo, ir.Constant(i64, Q4_GROUP // 2)))),
-                       builder.load(at(xsa, c, ngroups, g)),
-                       builder.load(at(xta, c, ngroups, g))) for c in cols_]
+                       builder.insert_element(ir.Constant(i32x8, None),
+                                              builder.load(at(xta, c, ngroups, g)),
+                                              ir.Constant(i32, 0))) for c in cols_]
                 for r in range(R):
                     b = load32(at(pa, rows_[r], prow, builder.mul(g, ir.Constant(i64, Q4_GROUP // 2))))
                     lo = builder.and_(b, ir.Constant(i8x32, [15] * 32))
                     hi = builder.lshr(b, ir.Constant(i8x32, [4] * 32))
-                    s = builder.load(at(sa, rows_[r], ngroups, g))
-                    if bf16:
-                        s = builder.bitcast(builder.shl(builder.zext(s, i32), ir.Constant(i32, 16)), f32)
                     for j in range(J):
-                        x0, x1, xsc, xt = xs[j]
+                        x0, x1, xt = xs[j]
                         if vnni:
                             d = builder.call(dpbusd, [ir.Constant(i32x8, None), builder.bitcast(lo, i32x8),
                                                       builder.bitcast(x0, i32x8)])
@@ -288,9 +286,8 @@ def tile_q4(R: int, J: int, vnni: bool):
                         else:
                             s16 = builder.add(builder.call(mub, [lo, x0]), builder.call(mub, [hi, x1]))
                             d = builder.call(mwd, [s16, ir.Constant(i16x16, [1] * 16)])
-                        d = builder.sub(d, builder.insert_element(ir.Constant(i32x8, None), xt,
-                                                                  ir.Constant(i32, 0)))
-                        cs = builder.fmul(s, xsc)
+                        d = builder.sub(d, xt)
+                        cs = builder.load(at(ca, ir.Constant(i64, r * J + j), ngroups, g))
                         csv = builder.insert_element(ir.Constant(f32x8, None), cs, ir.Constant(i32, 0))
                         csv = builder.shuffle_vector(csv, csv, ir.Constant(ir.VectorType(i32, 8), [0] * 8))
                         acc = accs[r][j]
@@ -305,13 +302,13 @@ def tile_q4(R: int, J: int, vnni: bool):
                     builder.store(total, at(ya, cols_[j], yrow, rows_[r]))
             return context.get_dummy_value()
 
-        want = ((packed, (types.uint8,)), (scale, (types.uint16, types.float32)), (XQ, (types.int8,)),
-                (XS, (types.float32,)), (XT, (types.int32,)), (Y, (types.float32,)))
+        want = ((packed, (types.uint8,)), (CS, (types.float32,)), (XQ, (types.int8,)),
+                (XT, (types.int32,)), (Y, (types.float32,)))
         for a, dts in want:
             if not (isinstance(a, types.Array) and a.dtype in dts and a.ndim == 2 and a.layout == "C"):
                 return None
         if not (isinstance(r0, types.Integer) and isinstance(j0, types.Integer)):
             return None
-        return types.none(packed, scale, XQ, XS, XT, Y, types.int64, types.int64), codegen
+        return types.none(packed, CS, XQ, XT, Y, types.int64, types.int64), codegen
 
     return _tile
