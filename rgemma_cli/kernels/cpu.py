@@ -103,7 +103,7 @@ def variant(fmt: str) -> str:
     "bf16", "f16", "int8", "q4"), for `rgemma bench --quick`."""
     f = features()
     simd = ("avx512" if f.get("avx512f") else "avx2") if ISA else "portable"
-    tiles = "4-row register tiles (batched: 4 x 3)"
+    tiles = "4-row register tiles (batched: 4 x 2)"
     if fmt == "f16" or (fmt in ("f32", "bf16") and not ISA):
         widen = {"f32": "", "bf16": "bf16 -> f32 by shift, ", "f16": "f16 -> f32 (vcvtph2ps), "}[fmt]
         return f"{widen}f32 fma, compiler-vectorised ({simd})"

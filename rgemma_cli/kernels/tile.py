@@ -12,7 +12,7 @@ Batch invariance by construction: every pair accumulates in one 8-lane vector wi
 over i = 0, 8, 16, ... (no fast-math flags, so LLVM may not reorder anything), then sums the
 lanes in order 0..7 and adds the n % 8 tail in order. That sequence does not depend on R, J or
 the other pairs, so a row's result is bit for bit the same in a tile of any shape: the
-one-sequence decode (`matvec`, J = 1) and the batched step (`matmat`, J = 3) agree exactly.
+one-sequence decode (`matvec`, J = 1) and the batched step (`matmat`, J = 2) agree exactly.
 x86 only (`cpu.ISA`); elsewhere the kernels keep their compiler-vectorised loops.
 """
 
