@@ -555,21 +555,22 @@ if ISA:
                     for r in range(lo, hi):
                         Y[j, r] += b[r]
 
-    def matvec_q4(packed, scale, x, b, y):
-        """y = W x + b for 4-bit W (see the module docstring)."""
-        if scale.shape[1] * Q4_GROUP == x.size:
-            _matvec_q4_tiled(packed, scale, x, b, y)
-        else:  # another group size (not written by rgemma's quantizer)
-            _matvec_q4_portable(packed, scale, x, b, y)
 
-    def matmat_q4(packed, scale, X, b, Y):
-        """`matmat` for 4-bit W; each row as `matvec_q4`."""
-        if scale.shape[1] * Q4_GROUP == X.shape[1]:
-            _matmat_q4_tiled(packed, scale, X, b, Y)
-        else:
-            _matmat_q4_portable(packed, scale, X, b, Y)
-else:
-    matvec_q4, matmat_q4 = _matvec_q4_portable, _matmat_q4_portable
+
+def matvec_q4(packed, scale, x, b, y):
+    """y = W x + b for 4-bit W (see the module docstring)."""
+    if ISA and scale.shape[1] * Q4_GROUP == x.size:
+        _matvec_q4_tiled(packed, scale, x, b, y)
+    else:  # off x86, or another group size (not written by rgemma's quantizer)
+        _matvec_q4_portable(packed, scale, x, b, y)
+
+
+def matmat_q4(packed, scale, X, b, Y):
+    """`matmat` for 4-bit W; each row as `matvec_q4`."""
+    if ISA and scale.shape[1] * Q4_GROUP == X.shape[1]:
+        _matmat_q4_tiled(packed, scale, X, b, Y)
+    else:
+        _matmat_q4_portable(packed, scale, X, b, Y)
 
 
 @njit(parallel=True, **_opts)
