@@ -166,6 +166,7 @@ def main():
         saved.write_text(json.dumps(results, indent=1))
     if not a.no_load:
         results["load"] = load_test("demo", requests=a.load_requests, max_tokens=a.load_tokens)
+    results["loadavg"] = os.getloadavg()
     saved.write_text(json.dumps(results, indent=1))
     OUT.write_text(render(results, a))
     print(OUT.read_text())
@@ -173,9 +174,9 @@ def main():
 
 def render(R, a) -> str:
     L = ["## Server: time to first token", "",
-         f"`bench/serve_ttft.py` on {R['cpu']} ({R['cores']} cores) — a machine shared with six "
-         f"other developers' test runs (load average 12-15 on 2 cores while these ran), so "
-         f"absolute times are several times a quiet machine's; the shape is the point. Turn k "
+         f"`bench/serve_ttft.py` on {R['cpu']} ({R['cores']} cores; load average "
+         f"{R.get('loadavg', [float('nan')])[0]:.1f} at the end of the run, 2.0 = both cores "
+         f"busy). Turn k "
          f"sends the whole conversation so far (k user messages of ~30 tokens and the server's "
          f"k-1 replies), as every OpenAI client does, and the time is from sending it to the "
          f"first streamed token. With the state cache the server reads only the new turn "
@@ -184,7 +185,8 @@ def render(R, a) -> str:
          f"2B-shaped bf16 checkpoint of `make bench` (random weights, the demo's tokenizer).", ""]
     for model, rows in R["ttft"].items():
         m = R.get("args", {}).get(model, {})
-        cmd = (f"NUMBA_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python bench/serve_ttft.py --turns "
+        env = " ".join(f"{k}={v}" for k, v in (R.get("threads") or {}).items() if v)
+        cmd = (f"{env + ' ' if env else ''}python bench/serve_ttft.py --turns "
                f"{m.get('turns', len(rows))} --reply-tokens {m.get('reply_tokens', '?')}"
                + ("" if model == "demo" else f" --big-turns {' '.join(map(str, m.get('without', [])))}")
                + f" --models {'demo' if model == 'demo' else 'weights/' + model}")
