@@ -28,6 +28,34 @@ from numba.extending import intrinsic
 LANES = 8  # f32 lanes of a 256-bit register
 
 
+def _lane_sum(builder, v):
+    """v[0] + v[1] + ... + v[7], added in that order (the fixed end of every pair's dot)."""
+    i32 = ir.IntType(32)
+    total = builder.extract_element(v, ir.Constant(i32, 0))
+    for k in range(1, LANES):
+        total = builder.fadd(total, builder.extract_element(v, ir.Constant(i32, k)))
+    return total
+
+
+def _signature(arrays, r0, j0):
+    """The tiles' signature (arrays..., int64 r0, int64 j0) -> none, or None (no match) unless
+    every array is a C-contiguous 2-d array of one of its dtypes: `arrays` = ((type, dtypes),
+    ...). Read-only arrays (memory-mapped weights) match too."""
+    for a, dtypes in arrays:
+        if not (isinstance(a, types.Array) and a.dtype in dtypes and a.ndim == 2 and a.layout == "C"):
+            return None
+    if not (isinstance(r0, types.Integer) and isinstance(j0, types.Integer)):
+        return None
+    return types.none(*(a for a, _ in arrays), types.int64, types.int64)
+
+
+def _unpack(context, builder, signature, args):
+    """The array arguments as Numba array structs, then the tile's origin (r0, j0)."""
+    k = len(args) - 2
+    return ([context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:k], args[:k])],
+            args[k], args[k + 1])
+
+
 @functools.cache
 def tile(R: int, J: int):
     """The R x J dot tile intrinsic (see the module docstring); built once per shape."""
@@ -36,9 +64,7 @@ def tile(R: int, J: int):
     def _tile(typingctx, w, X, Y, r0, j0):
         def codegen(context, builder, signature, args):
             mod = builder.module
-            wa, xa, ya = (context.make_array(t)(context, builder, a)
-                          for t, a in zip(signature.args[:3], args[:3]))
-            r0v, j0v = args[3], args[4]
+            (wa, xa, ya), r0v, j0v = _unpack(context, builder, signature, args)
             i64, i32 = ir.IntType(64), ir.IntType(32)
             f32 = ir.FloatType()
             f32x8 = ir.VectorType(f32, LANES)
@@ -79,12 +105,7 @@ def tile(R: int, J: int):
             done = builder.mul(trips, ir.Constant(i64, LANES))
             for r in range(R):
                 for j in range(J):
-                    v = builder.load(accs[r][j])
-                    total = cgutils.alloca_once_value(
-                        builder, builder.extract_element(v, ir.Constant(i32, 0)))
-                    for k in range(1, LANES):
-                        builder.store(builder.fadd(builder.load(total), builder.extract_element(
-                            v, ir.Constant(i32, k))), total)
+                    total = cgutils.alloca_once_value(builder, _lane_sum(builder, builder.load(accs[r][j])))
                     with cgutils.for_range(builder, builder.sub(n, done)) as tail:
                         i = builder.add(done, tail.index)
                         wp = builder.gep(wa.data, [builder.add(wbase[r], i)])
@@ -100,13 +121,9 @@ def tile(R: int, J: int):
                     builder.store(builder.load(total), builder.gep(ya.data, [yi]))
             return context.get_dummy_value()
 
-        for a, dts in ((w, (types.float32, types.uint16)), (X, (types.float32,)),
-                       (Y, (types.float32,))):
-            if not (isinstance(a, types.Array) and a.dtype in dts and a.ndim == 2 and a.layout == "C"):
-                return None
-        if not (isinstance(r0, types.Integer) and isinstance(j0, types.Integer)):
-            return None
-        return types.none(w, X, Y, types.int64, types.int64), codegen
+        sig = _signature(((w, (types.float32, types.uint16)), (X, (types.float32,)),
+                          (Y, (types.float32,))), r0, j0)
+        return None if sig is None else (sig, codegen)
 
     return _tile
 
@@ -131,9 +148,7 @@ def tile_i8(R: int, J: int, vnni: bool):
     def _tile(typingctx, w, X, Y, r0, j0):
         def codegen(context, builder, signature, args):
             mod = builder.module
-            wa, xa, ya = (context.make_array(t)(context, builder, a)
-                          for t, a in zip(signature.args[:3], args[:3]))
-            r0v, j0v = args[3], args[4]
+            (wa, xa, ya), r0v, j0v = _unpack(context, builder, signature, args)
             i64, i32, f32 = ir.IntType(64), ir.IntType(32), ir.FloatType()
             i8x16, i16x16, i32x8 = (ir.VectorType(ir.IntType(b), c)
                                     for b, c in ((8, 16), (16, 16), (32, 8)))
@@ -183,10 +198,7 @@ def tile_i8(R: int, J: int, vnni: bool):
             done = builder.mul(blocks, ir.Constant(i64, I8_BLOCK))
             for r in range(R):
                 for j in range(J):
-                    v = builder.load(faccs[r][j])
-                    total = builder.extract_element(v, ir.Constant(i32, 0))
-                    for k in range(1, LANES):
-                        total = builder.fadd(total, builder.extract_element(v, ir.Constant(i32, k)))
+                    total = _lane_sum(builder, builder.load(faccs[r][j]))
                     tail = cgutils.alloca_once_value(builder, ir.Constant(i32, 0))
                     with cgutils.for_range(builder, builder.sub(n, done)) as loop:
                         i = builder.add(done, loop.index)
@@ -200,12 +212,8 @@ def tile_i8(R: int, J: int, vnni: bool):
                     builder.store(total, builder.gep(ya.data, [yi]))
             return context.get_dummy_value()
 
-        for a, dt in ((w, types.int8), (X, types.int16), (Y, types.float32)):
-            if not (isinstance(a, types.Array) and a.dtype == dt and a.ndim == 2 and a.layout == "C"):
-                return None
-        if not (isinstance(r0, types.Integer) and isinstance(j0, types.Integer)):
-            return None
-        return types.none(w, X, Y, types.int64, types.int64), codegen
+        sig = _signature(((w, (types.int8,)), (X, (types.int16,)), (Y, (types.float32,))), r0, j0)
+        return None if sig is None else (sig, codegen)
 
     return _tile
 
@@ -233,9 +241,7 @@ def tile_q4(R: int, J: int, vnni: bool):
     def _tile(typingctx, packed, CS, XQ, XT, Y, r0, j0):
         def codegen(context, builder, signature, args):
             mod = builder.module
-            pa, ca, qa, xta, ya = (context.make_array(t)(context, builder, a)
-                                   for t, a in zip(signature.args[:5], args[:5]))
-            r0v, j0v = args[5], args[6]
+            (pa, ca, qa, xta, ya), r0v, j0v = _unpack(context, builder, signature, args)
             i64, i32, f32 = ir.IntType(64), ir.IntType(32), ir.FloatType()
             i8x32, i16x16, i32x8 = (ir.VectorType(ir.IntType(b), c)
                                     for b, c in ((8, 32), (16, 16), (32, 8)))
@@ -295,20 +301,12 @@ def tile_q4(R: int, J: int, vnni: bool):
                                                           builder.load(acc)]), acc)
             for r in range(R):
                 for j in range(J):
-                    v = builder.load(accs[r][j])
-                    total = builder.extract_element(v, ir.Constant(i32, 0))
-                    for k in range(1, LANES):
-                        total = builder.fadd(total, builder.extract_element(v, ir.Constant(i32, k)))
-                    builder.store(total, at(ya, cols_[j], yrow, rows_[r]))
+                    builder.store(_lane_sum(builder, builder.load(accs[r][j])),
+                                  at(ya, cols_[j], yrow, rows_[r]))
             return context.get_dummy_value()
 
-        want = ((packed, (types.uint8,)), (CS, (types.float32,)), (XQ, (types.int8,)),
-                (XT, (types.int32,)), (Y, (types.float32,)))
-        for a, dts in want:
-            if not (isinstance(a, types.Array) and a.dtype in dts and a.ndim == 2 and a.layout == "C"):
-                return None
-        if not (isinstance(r0, types.Integer) and isinstance(j0, types.Integer)):
-            return None
-        return types.none(packed, CS, XQ, XT, Y, types.int64, types.int64), codegen
+        sig = _signature(((packed, (types.uint8,)), (CS, (types.float32,)), (XQ, (types.int8,)),
+                          (XT, (types.int32,)), (Y, (types.float32,))), r0, j0)
+        return None if sig is None else (sig, codegen)
 
     return _tile
