@@ -92,6 +92,7 @@ def run_batch(model, tokenizer, lines: list[str], output: Path | None, *, batch_
             obj = json.loads(text)
         except ValueError as e:
             keys.append(lineno)
+            seen.add(json.dumps(lineno))  # its label is taken: a later "id" equal to it is a duplicate
             results[i] = _error_line(lineno, f"line {lineno} is not JSON: {e}")
             continue
         key = obj["id"] if isinstance(obj, dict) and "id" in obj else lineno

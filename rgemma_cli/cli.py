@@ -56,8 +56,8 @@ def _utf8(value, what: str):
 
 Model = Annotated[Optional[str], typer.Option(
     "-m", "--model", envvar="RGEMMA_MODEL", show_envvar=True, metavar="MODEL",
-    help=f"Local model directory, Hugging Face repo id, or 'demo'. [default: with --resume, the "
-    f"model the state file names if it is found locally; else {DEFAULT_MODEL}]",
+    help=f"Local model directory, Hugging Face repo id, or 'demo'. [default: {DEFAULT_MODEL}; "
+    f"for generate and chat with --resume, the model the state file names if it is found locally]",
     show_default=False)]
 Temperature = Annotated[Optional[float], typer.Option(
     "-t", "--temperature", metavar="T", help=f"0 = greedy (argmax). [default: {_D.temperature}]",

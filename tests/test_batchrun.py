@@ -71,6 +71,11 @@ def test_bad_lines_get_errors_and_the_rest_proceed(tiny_model_dir, tmp_path):
     assert [o["id"] for o in out] == [1, 2, "t", 4, "ok", "ok"]
     assert ["error" in o for o in out] == [False, True, True, True, False, True]
     assert "temperature" in out[2]["error"]["message"] and "duplicate" in out[5]["error"]["message"]
+    # a line that is not JSON is labelled with its line number: an explicit id equal to it
+    # would give two answers one id, so it is a duplicate too
+    src.write_text('bad\n{"id": 1, "prompt": "Hi", "max_tokens": 2}\n')
+    out = [json.loads(l) for l in rg("batch", "-m", tiny_model_dir, "-q", src).stdout.splitlines()]
+    assert [o["id"] for o in out] == [1, 1] and "duplicate" in out[1]["error"]["message"]
 
 
 def test_max_tokens_0_is_answered_in_its_place(tiny_model_dir, tmp_path):
