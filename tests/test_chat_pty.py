@@ -18,6 +18,9 @@ from rgemma_cli.sampling import SamplerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSI = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|\][^\x07]*\x07|[=>])")
+# waits are multiplied by this: scripts/check_arm64.sh runs the suite under qemu-user emulation,
+# where a chat's start-up and every reply take ~10-30x longer than natively
+SLOW = float(os.environ.get("RGEMMA_TEST_TIMEOUT_SCALE", "1"))
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
 
@@ -53,7 +56,7 @@ class Terminal:
 
     def expect(self, pattern, timeout=60.0) -> str:
         """Wait for `pattern` after what earlier expects consumed; return the text before it."""
-        end = time.time() + timeout
+        end = time.time() + timeout * SLOW
         while True:
             m = re.compile(pattern).search(self.text, self.seen)
             if m:
@@ -66,14 +69,14 @@ class Terminal:
     def settle(self) -> None:
         """Give readline time to put the terminal in its mode after the prompt is drawn; a
         control key sent earlier can be flushed by that switch."""
-        time.sleep(0.5)
+        time.sleep(0.5 * SLOW)
         self.read()
 
     def send(self, s: str) -> None:
         os.write(self.fd, s.encode())
 
     def wait(self, timeout=30.0) -> int:
-        end = time.time() + timeout
+        end = time.time() + timeout * SLOW
         while time.time() < end:
             self.read(0.05)
             pid, status = os.waitpid(self.pid, os.WNOHANG)
