@@ -206,7 +206,13 @@ def fig1a_section(F, w, m) -> None:
       f"best batch size whose states / KV caches fit {F.get('budget_gb')} GB besides the weights. "
       "rgemma's state is the same size at every length, so a full-window state with random "
       "contents stands for any length; transformers' caches are filled with random keys and "
-      "values up to each length (`bench/workers.py`, `w_fig1a_*`). A few steps per length.\n")
+      "values up to each length (`bench/workers.py`, `w_fig1a_*`). rgemma: the lengths "
+      "interleaved, 3 steps each, median; transformers: 2 steps each, at batch sizes tried "
+      "upward until the rate falls.\n")
+    if tf.get("from_run"):
+        w(f"The transformers rows come from the `fig1a` run started at {tf['from_run']} (the "
+          "same machine and day; about 20 minutes on a CPU without bf16 instructions), the "
+          "rgemma rows from the latest.\n")
     _head(w, "system", "best B", *[f"{int(k) // 1024}k" if int(k) >= 1024 else k
                                    for k in next(iter(rg.values()))["lengths"]])
     for fmt, r in rg.items():

@@ -256,7 +256,8 @@ class ChatUI:
         elif name in fields:
             kind = float if "float" in str(fields[name].type) else int
             s.settings = s.settings.replace(**{name: _number(value, kind, name)})
-            if name == "seed":  # a new seed restarts the random stream
+            if name == "seed":  # a new seed restarts the random stream (-1: a random one)
+                s.settings = s.settings.with_seed()
                 s.ctx = replace(s.ctx, rng=new_rng_state(s.settings.seed))
         else:
             raise RgemmaError(f"unknown setting {args[0]}; /set lists them")

@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import RgemmaError
+from .errors import RgemmaError, not_utf8
 from .sampling import SamplerSettings
 
 DEFAULT_MODEL = "google/recurrentgemma-2b-it"
@@ -45,11 +45,9 @@ def _utf8(value, what: str):
     """A text argument must be valid UTF-8: the OS hands undecodable bytes to Python as lone
     surrogates (PEP 383), which no tokenizer can encode. Refuse them as a usage error."""
     for v in ([] if value is None else value if isinstance(value, list) else [value]):
-        try:
-            v.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise typer.BadParameter(f"not valid UTF-8 (byte 0x{ord(v[e.start]) & 0xFF:02x} "
-                                     f"at character {e.start}); pass UTF-8 text")
+        problem = not_utf8(v)
+        if problem:
+            raise typer.BadParameter(f"{problem}; pass UTF-8 text")
     return value
 
 # -- options shared by `generate` and `chat` ----------------------------------------------------
@@ -80,7 +78,7 @@ RepeatLastN = Annotated[Optional[int], typer.Option(
     help=f"How many recent tokens the penalty looks at. [default: {_D.repeat_last_n}]",
     show_default=False)]
 Seed = Annotated[Optional[int], typer.Option(
-    "-s", "--seed", metavar="SEED", help="Random seed (a random one is chosen and saved with the state).",
+    "-s", "--seed", metavar="SEED", help="Random seed (omitted or -1: a random one, chosen and saved with the state).",
     show_default=False)]
 System = Annotated[Optional[str], typer.Option(
     "--system", metavar="TEXT", help="System prompt (folded into the first user turn).", show_default=False,

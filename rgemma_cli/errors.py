@@ -13,3 +13,19 @@ class RgemmaError(Exception):
     def __init__(self, message: str = "", *, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def not_utf8(text: str) -> str | None:
+    """Why `text` cannot be encoded as UTF-8 (one phrase), or None if it can.
+
+    Two kinds of lone surrogate reach us: U+DC80..U+DCFF stand for a byte 0x80..0xFF that was
+    not UTF-8 (Python's surrogateescape for argv and stdin, PEP 383); any other (from a JSON
+    escape such as "\\ud800", or half of a pair) is a code point that is not a character."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        if 0xDC80 <= c <= 0xDCFF:
+            return f"not valid UTF-8 (byte 0x{c & 0xFF:02x} at character {e.start})"
+        return f"holds a lone surrogate U+{c:04X} at character {e.start}, which is not a character"

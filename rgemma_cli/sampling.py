@@ -40,9 +40,11 @@ class SamplerSettings:
     min_p: float = 0.05  # 0 = off
     repeat_penalty: float = 1.0  # 1 = off
     repeat_last_n: int = 64  # 0 = off
-    seed: int | None = None  # None: a random seed, chosen once and recorded
+    seed: int | None = None  # None (or -1, llama.cpp's spelling): a random seed, chosen once and recorded
 
     def __post_init__(self):
+        if isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool) and self.seed == -1:
+            object.__setattr__(self, "seed", None)
         self.validate()
 
     def validate(self) -> None:
@@ -68,7 +70,7 @@ class SamplerSettings:
         need(integer(self.repeat_last_n) and 0 <= self.repeat_last_n <= MAX_REPEAT_LAST_N,
              f"--repeat-last-n must be in [0, {MAX_REPEAT_LAST_N}], got {self.repeat_last_n!r}")
         need(self.seed is None or (integer(self.seed) and 0 <= self.seed < 2**64),
-             f"--seed must be in [0, 2^64), got {self.seed!r}")
+             f"--seed must be in [0, 2^64) (or -1: random), got {self.seed!r}")
 
     def with_seed(self) -> "SamplerSettings":
         """These settings with a concrete seed (a random one if none was given)."""

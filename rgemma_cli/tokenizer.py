@@ -16,7 +16,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .errors import RgemmaError
+from .errors import RgemmaError, not_utf8
 from .files import read_regular
 
 START_OF_TURN = 106
@@ -69,12 +69,12 @@ class Tokenizer:
         special=False (the default, for anything a person typed): the result holds no id of
         `special_ids`; "<end_of_turn>" in the text is the characters `<`, `end_of_turn>`.
         special=True: the spelling of a special piece ("<eos>", "<start_of_turn>") is that id.
-        Raises RgemmaError when `text` holds lone surrogates (bytes that were not UTF-8, PEP 383).
+        Raises RgemmaError when `text` holds lone surrogates (bytes that were not UTF-8, PEP 383,
+        or a JSON "\\ud800" escape): `errors.not_utf8` says which.
         """
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise RgemmaError(f"text is not valid UTF-8 (byte 0x{ord(text[e.start]) & 0xFF:02x})") from None
+        problem = not_utf8(text)
+        if problem:
+            raise RgemmaError(f"text {problem}")
         if special:
             ids, at = [], 0
             for m in self._special_re.finditer(text):

@@ -62,6 +62,16 @@ def test_flags_are_the_defaults(tiny_base_dir, tmp_path):
     assert b["completion_tokens"] == 3
 
 
+def test_seed_minus_one_is_a_random_seed_reported_in_the_answer(tiny_base_dir, tmp_path):
+    # as the server and llama.cpp take it; the answer names the seed it drew, so it reproduces
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "Hello", "seed": -1, "max_tokens": 4}) + "\n")
+    got = json.loads(rg("batch", "-m", tiny_base_dir, "-q", src).stdout)
+    assert "error" not in got and got["seed"] >= 0
+    src.write_text(json.dumps({"prompt": "Hello", "seed": got["seed"], "max_tokens": 4}) + "\n")
+    assert json.loads(rg("batch", "-m", tiny_base_dir, "-q", src).stdout)["text"] == got["text"]
+
+
 def test_bad_lines_get_errors_and_the_rest_proceed(tiny_model_dir, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text('{"prompt": "Hi", "max_tokens": 2}\nnot json\n{"id": "t", "prompt": "Hi", '

@@ -94,10 +94,17 @@ def test_sampling_frequencies_follow_the_distribution():
 
 @pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5),
                                  dict(min_p=-0.1), dict(top_k=-1), dict(repeat_penalty=0.0),
-                                 dict(repeat_last_n=-1), dict(seed=-1)])
+                                 dict(repeat_last_n=-1), dict(seed=-2), dict(seed=2**64)])
 def test_bad_values(bad):
     with pytest.raises(RgemmaError, match="--"):
         SamplerSettings(**bad)
+
+
+def test_seed_minus_one_means_a_random_seed_everywhere():
+    # llama.cpp's spelling, which the server already took: the CLI, batch lines and /set agree
+    assert SamplerSettings(seed=-1).seed is None
+    assert SamplerSettings(seed=-1).with_seed().seed >= 0
+    assert SamplerSettings(seed=np.int64(-1)).seed is None
 
 
 def test_settings_round_trip():
@@ -159,7 +166,7 @@ def test_tiny_temperature_is_greedy():
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=True), dict(top_k=2.5), dict(top_p="0.9"),
-                                 dict(repeat_penalty=float("inf")), dict(seed=-1), dict(min_p=None)])
+                                 dict(repeat_penalty=float("inf")), dict(seed=-1.0), dict(min_p=None)])
 def test_wrong_types_are_refused(bad):
     with pytest.raises(RgemmaError):
         SamplerSettings(**bad)

@@ -159,6 +159,9 @@ def assert_error(r, status, *words):
     (b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', ["stream"]),
     (b'{"messages": [{"role": "user", "content": "x"}], "seed": 1.5}', ["seed"]),
     (b'{"messages": [{"role": "user", "content": "' + b"word " * 600 + b'"}]}', ["400"]),
+    # a JSON escape of half a surrogate pair is valid JSON but not a character: the message
+    # names it (it once said "not valid UTF-8 (byte 0x00)")
+    (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', ["lone surrogate U+D800"]),
 ])
 def test_bad_chat_requests_are_400_with_a_clear_message(live, body, words):
     assert_error(httpx.post(live.base + "/v1/chat/completions", content=body), 400, *words)

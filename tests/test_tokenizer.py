@@ -1,5 +1,6 @@
 """Tokenizer: special ids, the chat template, and the streaming detokenizer."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,13 @@ def test_bad_tokenizer_file(tmp_path):
         Tokenizer(bad)
     with pytest.raises(RgemmaError, match="missing tokenizer"):
         Tokenizer(tmp_path / "nope.model")
+
+
+@pytest.mark.parametrize("text, words", [
+    ("caf\udce9", "not valid UTF-8 (byte 0xe9"),  # a byte that was not UTF-8 (PEP 383)
+    ("hi \ud800", "lone surrogate U+D800"),  # half a pair, as a JSON "\\ud800" escape gives
+    ("\udfff!", "lone surrogate U+DFFF"),
+])
+def test_text_that_is_not_utf8_is_refused_with_its_cause(tok, text, words):
+    with pytest.raises(RgemmaError, match=re.escape(words)):
+        tok.encode(text)
