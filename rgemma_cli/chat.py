@@ -98,12 +98,12 @@ class ChatUI:
                     if self.command(text) == "exit":
                         return
                 except RgemmaError as e:
-                    self.console.print(f"[red]error:[/] {escape(str(e))}")
+                    self.console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)  # one line, as the CLI
                 continue
             try:
                 self.turn(text)
             except RgemmaError as e:  # e.g. a message that is not UTF-8: not sent, chat goes on
-                self.console.print(f"[red]error:[/] {escape(str(e))}")
+                self.console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)  # one line, as the CLI
 
     def prompt(self, text: str) -> str:
         """input() with a prompt readline can measure: colour codes are wrapped in \\001 and
@@ -281,7 +281,7 @@ class ChatUI:
         try:
             size = statefile.save(path, self.session, name=self.model_name)
         except RgemmaError as e:
-            self.console.print(f"[red]error:[/] {escape(str(e))}")
+            self.console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)  # one line, as the CLI
             return
         if not quiet:
             self.console.print(f"[dim](saved {escape(str(path))}, {size / 2**20:.2f} MiB)[/]")

@@ -155,10 +155,13 @@ class ModelConfig:
             raise RgemmaError(f"unsupported model type {short(mt)}: rgemma runs 'recurrent_gemma' models")
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
         kw.pop("block_types", None)
-        pattern = d.get("block_types") or d.get("_block_types")
-        if pattern:
-            if not isinstance(pattern, list):
-                raise RgemmaError(f"unsupported model config: block_types must be a list, got {short(pattern)}")
+        # the key given (null: not given) decides; an empty or false pattern is refused, not
+        # taken for the default pattern
+        pattern = next((d[k] for k in ("block_types", "_block_types") if d.get(k) is not None), None)
+        if pattern is not None:
+            if not isinstance(pattern, list) or not pattern:
+                raise RgemmaError(f"unsupported model config: block_types must be a non-empty list, "
+                                  f"got {short(pattern)}")
             kw["block_types"] = tuple(pattern)
         rope = d.get("rope_parameters") or {}
         if not isinstance(rope, dict):

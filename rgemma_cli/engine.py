@@ -34,6 +34,7 @@ from typing import Callable
 
 import numpy as np
 
+from .decode import non_finite_error
 from .errors import RgemmaError
 from .generation import HISTORY_KEEP, _find_stop, _held_back
 from .model import CHUNK
@@ -275,6 +276,8 @@ class Engine:
                     if seq.request.max_tokens == 0:  # only read the prompt (into the cache)
                         events.append((seq, seq._finish("length")))
                     else:
+                        if not np.isfinite(logits).all():  # as `decode.step`: stop, say why
+                            raise non_finite_error(self.model, seq.state.pos - 1)
                         if not seq.tokens and seq.stops and self.cache is not None:
                             seq._at_prompt = (seq.state.copy(), seq.recent)
                         events.append((seq, seq._sample(logits)))

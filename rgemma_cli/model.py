@@ -49,6 +49,18 @@ def sigmoid(z):
         return 1.0 / (1.0 + np.exp(-z))
 
 
+def soft_cap(z, cap):
+    """cap * tanh(z / cap): Gemma's logit soft-capping (docs/model.md), float32. A logit that
+    is not finite stays so (NaN): tanh would turn an Inf into a plausible +cap and hide a
+    broken weight from the caller's non-finite check."""
+    cap = np.float32(cap)
+    y = np.tanh(z / cap) * cap
+    bad = ~np.isfinite(z)
+    if bad.any():
+        y[bad] = np.nan
+    return y
+
+
 @functools.cache
 def _inv_freq(rotary_dims, theta):
     # theta^(-2i/r) in float32, as both references compute it; cached, so read-only
@@ -261,8 +273,7 @@ class Griffin:
         if last_only:
             x = x[-1:]
         x = rms_norm(x, p.final_norm, cfg.rms_norm_eps)
-        cap = np.float32(cfg.logits_soft_cap)
-        return np.tanh(linear(x, p.lm_head) / cap) * cap, new_state
+        return soft_cap(linear(x, p.lm_head), cfg.logits_soft_cap), new_state
 
     def forward_batch(self, token_ids, states, *, donate: bool = False):
         """One decode step of B independent sequences at once: sequence i feeds token_ids[i]
@@ -342,6 +353,5 @@ class Griffin:
             rn = rms_norm(r, w.channel_pre_norm, cfg.rms_norm_eps)
             x = r + lin(gelu_tanh(lin(rn, m.gate_proj)) * lin(rn, m.up_proj), m.down_proj)
         x = rms_norm(x, p.final_norm, cfg.rms_norm_eps)
-        cap = np.float32(cfg.logits_soft_cap)
-        logits = np.tanh(batched_linear(x, p.lm_head) / cap) * cap
+        logits = soft_cap(batched_linear(x, p.lm_head), cfg.logits_soft_cap)
         return logits, [State(s.pos + 1, tuple(n)) for s, n in zip(states, new_layers)]

@@ -30,6 +30,7 @@ DTYPES = {
     "I32": np.dtype("<i4"), "I64": np.dtype("<i8"), "U16": np.dtype("<u2"),
 }
 MAX_HEADER = 100 * 1024 * 1024
+MAX_DIMS, MAX_DIM = 8, 2**31 - 1  # far beyond any checkpoint (the 2B's largest dimension: 256000)
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -111,6 +112,10 @@ class SafetensorsFile:
                                   f"{str(dtype)[:20]!r} (rgemma reads {', '.join(DTYPES)})")
             if not isinstance(shape, list) or not all(is_int(d) for d in shape):
                 raise bad("shape must be a list of non-negative integers")
+            # an empty tensor (a 0 in its shape) matches an empty byte range whatever its other
+            # dimensions, and [0, 2^62, 2^62] then failed inside NumPy: bound them as well
+            if len(shape) > MAX_DIMS or any(d > MAX_DIM for d in shape):
+                raise bad(f"shape must have at most {MAX_DIMS} dimensions of at most 2^31 - 1")
             if (not isinstance(offsets, list) or len(offsets) != 2
                     or not all(is_int(o) for o in offsets) or offsets[1] < offsets[0]):
                 raise bad("data_offsets must be two non-negative integers [begin, end], begin <= end")

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ATTENTION, ModelConfig
-from .errors import RgemmaError
+from .errors import RgemmaError, not_utf8
 from .files import SaveInterrupted, check_writable, open_regular, write_atomic
 from .generation import HISTORY_KEEP, Context, Session
 from .sampling import SamplerSettings
@@ -202,6 +202,10 @@ def check_header(h, version: int, data_len: int):
             raise ValueError(what)
 
     need(isinstance(h, dict), "the header is not a JSON object")
+    # JSON's "\ud800" escapes parse to lone surrogates, which no terminal, file or tokenizer
+    # can take: refuse them anywhere in the header, not where they are first printed
+    bad = _first_unencodable(h)
+    need(bad is None, f"{bad} holds a lone surrogate (a \\uD800-\\uDFFF escape), which is not text")
     need(h.get("format") == "rgemma-state" and is_int(h.get("version")) and h["version"] == version,
          "format/version fields do not match the file's prefix")
     need(isinstance(h.get("created", ""), str), "created is not a string")
@@ -260,6 +264,26 @@ def check_header(h, version: int, data_len: int):
         raise ValueError(f"truncated (the data section has {data_len} bytes, the tensors need {end})")
     need(data_len == end, "trailing bytes after the data")
     return cfg, table
+
+
+def _first_unencodable(v, where="the header"):
+    """The path of the first string (key or value) in parsed JSON `v` that is not UTF-8
+    encodable, or None. Depth is bounded: `parse_json` refused deep nesting already."""
+    if isinstance(v, str):
+        return None if not_utf8(v) is None else where
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if not_utf8(k) is not None:
+                return f"a key of {where}"
+            bad = _first_unencodable(x, k if where == "the header" else f"{where}.{k}")
+            if bad:
+                return bad
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            bad = _first_unencodable(x, f"{where}[{i}]")
+            if bad:
+                return bad
+    return None
 
 
 def state_shapes(cfg: ModelConfig, pos: int) -> dict[str, tuple[int, ...]]:
@@ -337,6 +361,12 @@ def check_model(saved: Saved, model, tokenizer, path) -> None:
             f"covered only tensor headers and 1-D tensors, so it cannot be verified against this "
             f"model; start a new conversation (`rgemma state {path}` still shows its transcript)")
     if saved.model.get("digest") == mine["digest"]:
+        # the digest covers the model's config, but the file's own copy of the config (which
+        # shaped its tensors) is a separate field: a file edited to another config with the
+        # digest kept would resume a state of the wrong shape or meaning
+        if saved.config != model.config:
+            raise RgemmaError(f"{path} is corrupt (its model config does not match the model "
+                              f"its digest names)")
         return
     name = saved.model.get("name")
     what = "tokenizer" if saved.model.get("fingerprint") == mine["fingerprint"] else "model"

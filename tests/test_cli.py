@@ -301,6 +301,19 @@ def test_non_finite_weights_stop_generation_naming_the_tensor(tmp_path, name, va
     assert name in msg and "NaN or Inf" in msg
 
 
+def test_an_inf_in_the_output_head_stops_generation(tmp_path):
+    """One +Inf in the tied head's last row: soft-capping made its logit a plausible +30, so
+    that token was sampled and generation went on (exit 0) until it was fed back. Checked
+    before the cap now, by `generate` and by the batched engine (`batch`, `serve`)."""
+    d = _poisoned(tmp_path, "model.embed_tokens.weight", np.inf, where=-1)
+    msg = error_of("generate", "-m", d, "-n", 2, "-t", 0, "--raw", "Hello")
+    assert "NaN/Inf logits at position" in msg and "model.embed_tokens.weight" in msg
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "Hello", "max_tokens": 2, "raw": True}) + "\n")
+    line = json.loads(rg("batch", "-m", d, "-q", src).stdout)
+    assert "NaN/Inf logits" in line["error"]["message"]
+
+
 def test_non_finite_norm_is_refused_not_silent(tmp_path):
     d = _poisoned(tmp_path, "model.final_norm.weight", np.nan)  # was exit 0 and empty output
     assert "model.final_norm.weight" in error_of("generate", "-m", d, "-n", 4, "-t", 0, "Hello")

@@ -112,7 +112,10 @@ def test_from_json_errors(tmp_path):
     ({"eos_token_id": []}, "eos_token_id"),
     ({"bos_token_id": "2"}, "bos_token_id"),
     ({"rope_parameters": "x", "rope_theta": None}, "rope_parameters|rope_theta"),
-    ({"_block_types": "recurrent"}, "block_types must be a list"),
+    ({"_block_types": "recurrent"}, "block_types must be a non-empty list"),
+    ({"_block_types": []}, "block_types must be a non-empty list"),  # was the default pattern
+    ({"_block_types": False}, "block_types must be a non-empty list"),
+    ({"_block_types": None, "block_types": 0}, "block_types must be a non-empty list"),
     ({"_block_types": [["recurrent"]]}, "unknown block type"),
     ({"head_dim": None, "num_attention_heads": "10"}, "hidden_size is not a multiple"),
     ({"attention_window_size": 2**20, "num_hidden_layers": 3000}, "decode state would take"),

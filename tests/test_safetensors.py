@@ -70,7 +70,10 @@ def _refused(p, match):
     ({"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 9]}, "data_offsets"),
     ({"dtype": 5, "shape": [2], "data_offsets": [0, 8]}, "unsupported dtype"),
     ({"shape": [2], "data_offsets": [0, 8]}, "needs dtype"),
-    ({"dtype": "F32", "shape": [2**32, 2**32, 2**32], "data_offsets": [0, 8]}, "byte range"),
+    ({"dtype": "F32", "shape": [2**32, 2**32, 2**32], "data_offsets": [0, 8]}, "at most"),
+    # empty (a 0 dimension) with an empty byte range, but dimensions NumPy cannot allocate
+    ({"dtype": "F32", "shape": [0, 2**62, 2**62], "data_offsets": [0, 0]}, "at most"),
+    ({"dtype": "F32", "shape": [1] * 9 + [2], "data_offsets": [0, 8]}, "at most 8 dimensions"),
     ([1, 2], "needs dtype"),
 ])
 def test_header_entries_of_the_wrong_type_are_refused(tmp_path, entry, match):

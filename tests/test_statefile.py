@@ -2,6 +2,7 @@
 
 import errno
 import json
+import re
 import os
 import struct
 
@@ -268,6 +269,37 @@ def test_valid_crc_bad_field_is_refused_in_one_line(saved_file, tmp_path, field,
         statefile.load(p)
     msg = str(e.value)
     assert words in msg and "\n" not in msg and str(p) in msg
+
+
+@pytest.mark.parametrize("field, value, where", [
+    ("transcript.0.content", "hi \ud800", "transcript[0].content"),
+    ("model.name", "\udfff", "model.name"),
+    ("created", "2026-\udc80", "created"),
+])
+def test_lone_surrogate_escapes_are_refused(saved_file, tmp_path, field, value, where):
+    """A JSON "\\ud800" escape parses to a lone surrogate, which printing the transcript or
+    encoding it fails on later (an internal error that ended the chat on /load): refused on
+    load, naming the field."""
+    h, data = split(saved_file)
+    p = tmp_path / "s.rgs"
+    rewrite(p, json.dumps(with_field(h, field, value)).encode("ascii"), data)  # the \\u escape
+    with pytest.raises(RgemmaError, match=f"{re.escape(where)} holds a lone surrogate"):
+        statefile.load(p)
+
+
+@pytest.mark.parametrize("field, value", [("model.config.rope_theta", 1234.0),
+                                          ("model.config.rms_norm_eps", 0.5),
+                                          ("model.config.logits_soft_cap", 3.0)])
+def test_a_config_edited_with_the_digest_kept_is_refused(saved_file, tiny, tmp_path, field, value):
+    """The file's config shapes and means its tensors; the digest names the model. Edited
+    apart (valid CRC, tensor shapes unchanged) the resume ran silently wrong, or failed inside
+    the model when the window changed: refused before resuming."""
+    h, data = split(saved_file)
+    p = tmp_path / "c.rgs"
+    rewrite(p, dumps(with_field(h, field, value)), data)
+    saved = statefile.load(p)
+    with pytest.raises(RgemmaError, match="model config does not match"):
+        statefile.check_model(saved, tiny[0], tiny[1], p)
 
 
 def test_overlapping_tensor_offsets_are_refused(saved_file, tmp_path):
