@@ -16,6 +16,7 @@ from rich.markup import escape
 from .errors import RgemmaError
 from .decode import Context
 from .generation import Session
+from .schema import plural
 from .sampling import SamplerSettings, new_rng_state
 
 HELP = """\
@@ -270,7 +271,7 @@ class ChatUI:
                  f"in memory, turns: {sum(m['role'] == 'user' for m in s.transcript)}"]
         g = self.last
         if g is not None:
-            lines.append(f"last reply: {g.generated} tokens, {g.gen_tps:.1f} tok/s; prompt "
+            lines.append(f"last reply: {plural(g.generated, 'token')}, {g.gen_tps:.1f} tok/s; prompt "
                          f"{g.prompt_tokens} tokens, {g.prompt_tps:.1f} tok/s; "
                          f"stopped: {g.finish_reason}")
         self.console.print("\n".join(lines), markup=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import resource
 import sys
@@ -19,6 +20,7 @@ import typer
 
 from .errors import RgemmaError, not_utf8
 from .sampling import SamplerSettings
+from .schema import plural
 
 DEFAULT_MODEL = "google/recurrentgemma-2b-it"
 _D = SamplerSettings()  # the defaults shown in --help
@@ -211,7 +213,7 @@ def save_state(path: Path | None, session, model_name: str, quiet: bool = False)
     size = statefile.save(path, session, name=state_name(model_name))
     if not quiet:
         _say(f"saved state to {path} ({size / 2**20:.2f} MiB, "
-             f"{_plural(session.ctx.tokens_seen, 'token')})")
+             f"{plural(session.ctx.tokens_seen, 'token')})")
 
 
 def _check_save_path(path: Path | None) -> Path | None:
@@ -253,13 +255,9 @@ def _peak_rss() -> int:
     return r if sys.platform == "darwin" else r * 1024
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n:,} {word}" + ("" if n == 1 else "s")
-
-
 def _stats(g, seed: int | None = None) -> str:
-    return (f"prompt: {_plural(g.prompt_tokens, 'token')}, {g.prompt_tps:.1f} tok/s | "
-            f"generated: {_plural(g.generated, 'token')}, {g.gen_tps:.1f} tok/s | "
+    return (f"prompt: {plural(g.prompt_tokens, 'token')}, {g.prompt_tps:.1f} tok/s | "
+            f"generated: {plural(g.generated, 'token')}, {g.gen_tps:.1f} tok/s | "
             + (f"seed: {seed} | " if seed is not None else "")
             + f"peak RSS: {_peak_rss() / 2**20:.0f} MiB")
 
@@ -576,7 +574,7 @@ def perplexity(
     tty = not quiet and sys.stderr.isatty()
 
     def progress(done, total, nll):
-        print(f"\r{done}/{total} tokens, perplexity so far {np.exp(nll):.4f}", end="",
+        print(f"\r{done}/{plural(total, 'token')}, perplexity so far {math.exp(nll):.4f}", end="",
               file=sys.stderr, flush=True)
 
     r = score(m, ids, chunk_size=chunk_size, max_tokens=max_tokens,
@@ -586,10 +584,10 @@ def perplexity(
     if as_json:
         print(json.dumps({"file": str(file), **r.to_dict(), "chunk_size": chunk_size}))
         return
-    print(f"perplexity {r.perplexity:.4f} (mean NLL {r.nll:.4f} nats over {r.tokens} tokens)")
+    print(f"perplexity {r.perplexity:.4f} (mean NLL {r.nll:.4f} nats over {plural(r.tokens, 'token')})")
     if not quiet:
-        print(f"{r.tokens} tokens in {r.seconds:.2f} s: {r.tokens_per_second:.1f} tok/s, "
-              f"{r.chunks} chunks of <= {chunk_size}", file=sys.stderr)
+        print(f"{plural(r.tokens, 'token')} in {r.seconds:.2f} s: {r.tokens_per_second:.1f} tok/s, "
+              f"{plural(r.chunks, 'chunk')} of <= {chunk_size}", file=sys.stderr)
 
 
 @app.command()
@@ -668,14 +666,14 @@ def state_cmd(file: Annotated[Path, typer.Argument(metavar="FILE", help="A state
     s = statefile.load(file)
     cfg = s.config
     lines = [
-        f"file: {file} ({_plural(s.size, 'byte')}, format v{s.version}, saved {s.created})",
+        f"file: {file} ({plural(s.size, 'byte')}, format v{s.version}, saved {s.created})",
         f"model: {s.model.get('name') or '?'} (digest {s.model.get('digest', '')[:16]}, "
         f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size})",
         f"tokens seen: {s.ctx.tokens_seen} ({s.ctx.state.pos} fed, {len(s.ctx.pending)} pending)",
         f"mode: {s.mode}",
         "sampler: " + ", ".join(f"{k}={v}" for k, v in s.settings.to_dict().items()),
-        f"transcript: {_plural(sum(m['role'] == 'user' for m in s.transcript), 'user turn')}, "
-        f"{_plural(len(s.transcript), 'message')}",
+        f"transcript: {plural(sum(m['role'] == 'user' for m in s.transcript), 'user turn')}, "
+        f"{plural(len(s.transcript), 'message')}",
     ]
     for m in s.transcript[-6:]:
         text = " ".join(str(m.get("content", "")).split())

@@ -152,8 +152,12 @@ class Session:
     @property
     def finished(self) -> bool:
         """Chat mode: the last turn is closed (`<end_of_turn>\\n`): there is nothing to continue."""
+        return self.mode == "chat" and self._closed()
+
+    def _closed(self) -> bool:
+        """The stream ends with a closed chat turn (`<end_of_turn>\\n`), in either mode."""
         close = (END_OF_TURN, *self.tokenizer.newline)
-        return self.mode == "chat" and not self.fresh and self._tail(len(close)) == close
+        return not self.fresh and self._tail(len(close)) == close
 
     def stream_ids(self) -> list[int]:
         """The chat template of the transcript as the model has seen it (chat mode), which
@@ -236,6 +240,9 @@ class Session:
         if self.fresh:
             raise RgemmaError("nothing to continue from: give a prompt")
         if self.mode == "raw":
+            if self._closed():  # a chat state resumed with --raw: the model would open a user turn
+                raise RgemmaError("the last reply is finished (its chat turn is closed): nothing to "
+                                  "continue; give a prompt")
             if self.transcript[-1:] and self.transcript[-1]["role"] == "model":
                 n = len(self.transcript) - 1
             else:

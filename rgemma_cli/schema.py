@@ -43,6 +43,11 @@ def is_str_list(v) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
+def plural(n: int, word: str) -> str:
+    """"1 token", "2 tokens", "1,024 tokens": counts in messages."""
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
 def short(v, n: int = 40) -> str:
     """repr(v) cut to n characters, for one-line error messages about hostile values."""
     r = repr(v)

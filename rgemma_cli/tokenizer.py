@@ -113,6 +113,7 @@ class Tokenizer:
         stripped (as the template's `| trim`), a reply is kept as generated. The markers are
         ids; the text between them never encodes to a special id unless `special`.
         """
+        _check_text(messages)
         ids, system = [self.bos_id], None
         for n, m in enumerate(messages):
             role, content = m.get("role"), str(m.get("content", ""))
@@ -154,6 +155,7 @@ class Tokenizer:
         continues it. An assistant turn is `encode("model\\n") + encode(content)`, exactly the
         ids a reply generated after `chat_prompt` sits on.
         """
+        _check_text(messages)
         turns: list[list] = []  # [role, text]
         system: list[str] = []
         for m in messages:
@@ -267,3 +269,14 @@ class StreamDecoder:
             i += n
         del b[:i]
         return "".join(out)
+
+
+def _check_text(messages) -> None:
+    """Refuse a message that is not UTF-8 text before it is stripped and put in the template,
+    so that the character the error names is the one in what the person wrote."""
+    for i, m in enumerate(messages):
+        problem = not_utf8(str(m.get("content", "")))
+        if problem:
+            raise RgemmaError(f"text {problem}" if len(messages) == 1 or (
+                len(messages) == 2 and messages[0].get("role") == "system" and i == 1)
+                else f"message {i + 1} ({m.get('role')}) {problem}")

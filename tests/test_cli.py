@@ -354,6 +354,8 @@ def test_a_finished_reply_cannot_be_continued(tmp_path):
     assert j["finish_reason"] == "stop"
     msg = error_of("generate", "--resume", s, "-q")
     assert "nothing to continue" in msg
+    # --raw too: raw text after a closed turn is the model opening a user turn ("user\nHey!")
+    assert "nothing to continue" in error_of("generate", "--resume", s, "-q", "--raw", "-n", 5)
     assert saved_ids(s)[-2:] == [107] + [108]  # the turn stays closed: <end_of_turn>\n
 
 

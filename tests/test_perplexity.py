@@ -77,6 +77,19 @@ def test_cli_prints_perplexity_and_rate(tiny_base_dir, tmp_path):
     assert j["nll"] == pytest.approx(lib.nll, rel=1e-5)
 
 
+def test_progress_on_a_terminal_and_singular_counts(tiny_base_dir, tmp_path, monkeypatch):
+    """With stderr a terminal the progress line runs (it died on a missing `np` import: an
+    internal error on every interactive run); one token / one chunk are singular."""
+    import typer.testing
+    monkeypatch.setattr(typer.testing._NamedTextIOWrapper, "isatty", lambda self: True, raising=False)
+    f = tmp_path / "text.txt"
+    f.write_text(TEXT, encoding="utf-8")
+    r = runner.invoke(cli.app, ["perplexity", "-m", str(tiny_base_dir), str(f), "-n", "1"])
+    assert r.exit_code == 0, (r.stderr, r.exception)
+    assert "perplexity so far" in r.stderr and "over 1 token)" in r.stdout
+    assert "1 token in" in r.stderr and "1 chunk of" in r.stderr
+
+
 @pytest.mark.parametrize("content, args, what", [
     (None, [], "no such file"),
     (b"", [], "empty"),

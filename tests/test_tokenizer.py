@@ -167,3 +167,15 @@ def test_bad_tokenizer_file(tmp_path):
 def test_text_that_is_not_utf8_is_refused_with_its_cause(tok, text, words):
     with pytest.raises(RgemmaError, match=re.escape(words)):
         tok.encode(text)
+
+
+@pytest.mark.parametrize("call, where", [
+    (lambda t: t.chat_prompt("ab\udcff"), "text not valid UTF-8 (byte 0xff at character 2)"),
+    (lambda t: t.chat_messages([{"role": "user", "content": "  ab\ud800"}]), "character 4"),
+    (lambda t: t.chat_messages([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                {"role": "user", "content": "ab\ud800"}]), "message 3 (user)"),
+])
+def test_a_chat_message_that_is_not_utf8_is_refused_at_its_own_offset(tok, call, where):
+    """The offset was counted inside the template ("user\\n" + text): 5 characters too far."""
+    with pytest.raises(RgemmaError, match=re.escape(where)):
+        call(tok)
