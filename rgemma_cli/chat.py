@@ -99,12 +99,17 @@ class ChatUI:
                     if self.command(text) == "exit":
                         return
                 except RgemmaError as e:
-                    self.console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)  # one line, as the CLI
+                    self.error(e)
                 continue
             try:
                 self.turn(text)
             except RgemmaError as e:  # e.g. a message that is not UTF-8: not sent, chat goes on
-                self.console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)  # one line, as the CLI
+                self.error(e)
+
+    def error(self, e: RgemmaError) -> None:
+        """Report a failure in one line, as the CLI does (not wrapped at the console width);
+        the chat goes on."""
+        self.console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
 
     def prompt(self, text: str) -> str:
         """input() with a prompt readline can measure: colour codes are wrapped in \\001 and
@@ -262,7 +267,8 @@ class ChatUI:
                 s.ctx = replace(s.ctx, rng=new_rng_state(s.settings.seed))
         else:
             raise RgemmaError(f"unknown setting {args[0]}; /set lists them")
-        self.console.print(f"[dim]{name.replace('_', '-')} = {escape(value)}[/]")
+        shown = str(s.settings.seed) if name == "seed" else value  # -1: the seed drawn
+        self.console.print(f"[dim]{name.replace('_', '-')} = {escape(shown)}[/]")
 
     def stats(self) -> None:
         """/stats: where the conversation stands and how fast the last reply was."""
@@ -282,7 +288,7 @@ class ChatUI:
         try:
             size = statefile.save(path, self.session, name=self.model_name)
         except RgemmaError as e:
-            self.console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)  # one line, as the CLI
+            self.error(e)
             return
         if not quiet:
             self.console.print(f"[dim](saved {escape(str(path))}, {size / 2**20:.2f} MiB)[/]")

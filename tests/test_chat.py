@@ -8,6 +8,7 @@ from rich.console import Console
 
 from rgemma_cli import statefile
 from rgemma_cli.chat import ChatUI
+from rgemma_cli.errors import RgemmaError
 from rgemma_cli.generation import Session
 from rgemma_cli.sampling import SamplerSettings
 
@@ -63,3 +64,22 @@ def test_undo_and_regen_rewrite_the_save_file(tiny, tmp_path, command, monkeypat
         assert [m["role"] for m in saved.transcript] == ["user", "model", "user", "model"]
         assert saved.transcript[3]["content"] == c.session.transcript[3]["content"]
     assert saved.ctx.tokens_seen == c.session.ctx.tokens_seen
+
+
+def test_set_seed_minus_one_draws_a_seed_and_shows_it(tiny, tmp_path):
+    c = ui(tiny, tmp_path)
+    c.command("/set seed -1")
+    seed = c.session.settings.seed
+    assert seed is not None and seed >= 0
+    assert f"seed = {seed}" in c.console.file.getvalue()
+
+
+def test_an_error_is_one_line_however_long(tiny, tmp_path):
+    """Rich wrapped chat errors at the console width (80 columns when not a terminal)."""
+    c = ui(tiny, tmp_path)
+    c.console.width = 40
+    with pytest.raises(RgemmaError) as e:
+        c.command("/undo")  # nothing to undo: a message longer than 40 columns
+    c.error(e.value)
+    out = c.console.file.getvalue().strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("error:") and len(out[0]) > 40
