@@ -19,6 +19,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from rgemma_cli import server as srv
 
 ROOT = Path(__file__).resolve().parent.parent
+# waits on the server scale with this (scripts/check_arm64.sh runs the suite under emulation)
+SLOW = float(os.environ.get("RGEMMA_TEST_TIMEOUT_SCALE", "1"))
 MODEL = "demo"
 
 
@@ -35,12 +37,12 @@ def live():
 
 
 def post(live, path, body, **kw):
-    return httpx.post(live.base + path, json=body, timeout=60, **kw)
+    return httpx.post(live.base + path, json=body, timeout=60 * SLOW, **kw)
 
 
 def openai_client(live, key="none"):
     import openai
-    return openai.OpenAI(base_url=live.base + "/v1", api_key=key, max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=live.base + "/v1", api_key=key, max_retries=0, timeout=60 * SLOW)
 
 
 def sse_events(response):
@@ -87,7 +89,7 @@ def test_openai_sdk_chat_and_completions_streaming_and_not(live):
 def test_raw_sse_stream_is_openais_format(live):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}],
             "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True}, "seed": 1}
-    with httpx.stream("POST", live.base + "/v1/chat/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", live.base + "/v1/chat/completions", json=body, timeout=60 * SLOW) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r)
     assert events[-1] == "[DONE]"
@@ -99,7 +101,7 @@ def test_raw_sse_stream_is_openais_format(live):
     assert objs[-1]["usage"]["completion_tokens"] == 8
     # without stream_options there is no usage at all
     body.pop("stream_options")
-    with httpx.stream("POST", live.base + "/v1/chat/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", live.base + "/v1/chat/completions", json=body, timeout=60 * SLOW) as r:
         objs = [json.loads(e) for e in sse_events(r)[:-1]]
     assert all("usage" not in o for o in objs) and objs[-1]["choices"][0]["finish_reason"]
 
@@ -123,11 +125,11 @@ def test_simonw_llm_as_an_openai_compatible_model(live, tmp_path):
     llm = [str(Path(sys.executable).parent / "llm")]
     p = subprocess.run(llm + ["-m", "rgemma-demo", "-o", "max_tokens", "8", "-o", "temperature",
                               "0", "Hello there"], env=env, capture_output=True, text=True,
-                       timeout=120)  # streamed
+                       timeout=120 * SLOW)  # streamed
     assert p.returncode == 0 and p.stdout.strip(), p.stderr
     # a follow-up (-c) resends the conversation: the server reads only the new turn
     p = subprocess.run(llm + ["-c", "--no-stream", "-o", "max_tokens", "4", "And then?"], env=env,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120 * SLOW)
     assert p.returncode == 0 and p.stdout.strip(), p.stderr
     assert live.health()["state_cache"]["hits"] >= 1
 
@@ -192,7 +194,7 @@ def test_api_key_and_a_full_queue():
         auth = {"Authorization": "Bearer sekret"}
         assert httpx.get(s.base + "/v1/models", headers=auth).status_code == 200
         with httpx.stream("POST", s.base + "/v1/completions", json=body, headers=auth,
-                          timeout=60) as r:
+                          timeout=60 * SLOW) as r:
             assert r.status_code == 200
             lines = r.iter_lines()  # (kept: a dropped line iterator closes the connection)
             next(lines)  # the one place is taken and the queue holds none
@@ -227,7 +229,7 @@ def small():
        body=FIELDS | JSON, raw=st.none() | st.binary(max_size=60))
 def test_fuzzed_bodies_get_openai_errors_or_answers_never_a_traceback(small, path, body, raw):
     content = raw if raw is not None else json.dumps(body, allow_nan=True).encode()
-    r = httpx.post(small.base + path, content=content, timeout=60)
+    r = httpx.post(small.base + path, content=content, timeout=60 * SLOW)
     assert r.status_code in (200, 400, 413), r.text
     assert "Traceback" not in r.text
     if r.status_code != 200:
@@ -262,13 +264,13 @@ def test_load_16_concurrent_streaming_clients(live):
 def test_a_client_that_leaves_mid_stream_frees_its_place():
     s = Running(max_batch=2, limits=srv.Limits(max_tokens=5000))
     try:
-        with httpx.stream("POST", s.base + "/v1/completions", json=LONG, timeout=60) as r:
+        with httpx.stream("POST", s.base + "/v1/completions", json=LONG, timeout=60 * SLOW) as r:
             lines = r.iter_lines()
             for _ in range(4):
                 next(lines)
             assert s.health()["running"] == 1
             steps_at_close = s.health()["steps"]
-        deadline = time.time() + 10
+        deadline = time.time() + 10 * SLOW
         while s.health()["running"] and time.time() < deadline:
             time.sleep(0.02)
         h = s.health()
@@ -291,7 +293,7 @@ def test_sigterm_stops_writes_the_cache_and_a_restart_knows_the_conversation(tmp
 
     def start():
         p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
+        deadline = time.time() + 120 * SLOW
         while time.time() < deadline:
             try:
                 if httpx.get(base + "/health").status_code == 200:
@@ -304,8 +306,8 @@ def test_sigterm_stops_writes_the_cache_and_a_restart_knows_the_conversation(tmp
     msgs = [{"role": "user", "content": "Hello, how was your day?"}]
     p = start()
     r1 = httpx.post(base + "/v1/chat/completions", json={"messages": msgs, "max_tokens": 8,
-                                                         "temperature": 0}, timeout=60).json()
-    with httpx.stream("POST", base + "/v1/chat/completions", timeout=60,
+                                                         "temperature": 0}, timeout=60 * SLOW).json()
+    with httpx.stream("POST", base + "/v1/chat/completions", timeout=60 * SLOW,
                       json={"messages": msgs, "max_tokens": 2000, "stream": True}) as r:
         lines = r.iter_lines()
         next(lines)
@@ -319,7 +321,7 @@ def test_sigterm_stops_writes_the_cache_and_a_restart_knows_the_conversation(tmp
         msgs += [{"role": "assistant", "content": r1["choices"][0]["message"]["content"]},
                  {"role": "user", "content": "Tell me more."}]
         r2 = httpx.post(base + "/v1/chat/completions", json={"messages": msgs, "max_tokens": 4},
-                        timeout=60).json()
+                        timeout=60 * SLOW).json()
         assert r2["usage"]["prompt_tokens_details"]["cached_tokens"] >= r1["usage"]["prompt_tokens"]
     finally:
         p.send_signal(signal.SIGINT)  # Ctrl-C: the same clean exit
