@@ -8,18 +8,21 @@ and only then the name (Hugging Face's "-it" suffix for instruction-tuned models
 
 from __future__ import annotations
 
-import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import DEMO_DIR
-from .config import read_config_json
+from .config import ModelConfig, read_config_json
 from .errors import RgemmaError
+from .files import read_regular
+from .schema import is_int, parse_json, short
 
 RECORD_KEY = "rgemma"  # config.json: {"chat": bool, "source": str}, written by `rgemma quantize`
 _IT = re.compile(r"[-_]it(?=$|[-_./])")
 _HF_CACHE_DIR = re.compile(r"^models--([^/]+?)--([^/]+)$")
+GENERATION_CONFIG_LIMIT = 1 << 20  # Hub files are < 1 KB; a cap so /dev/zero-like input is refused
 
 
 @dataclass(frozen=True)
@@ -66,21 +69,28 @@ def _by_name(name: str, what: str) -> tuple[bool, str]:
 
 def eos_ids(directory: str | Path) -> tuple[int, ...]:
     """The ids that end generation: generation_config.json's `eos_token_id` (an id or a list;
-    the demo lists <eos> 1 and <end_of_turn> 107) and config.json's."""
+    the demo lists <eos> 1 and <end_of_turn> 107) and config.json's.
+
+    Both files are untrusted: read as regular files only (a FIFO or /dev/zero is refused, not
+    waited on), generation_config.json at most GENERATION_CONFIG_LIMIT bytes, parsed by
+    `parse_json`; every id must be an integer in [0, vocab_size). Raises RgemmaError (one line
+    naming the file) otherwise; a missing generation_config.json is fine."""
     directory = Path(directory)
+    config = read_config_json(directory / "config.json")
+    vocab_size = ModelConfig.from_dict(config).vocab_size
+    docs = []
+    path = directory / "generation_config.json"
+    if os.path.lexists(path):
+        raw = read_regular(path, "generation_config.json", limit=GENERATION_CONFIG_LIMIT)
+        docs.append((path, parse_json(raw, f"{path} is not valid JSON")))
+    docs.append((directory / "config.json", config))
     ids = []
-    for name in ("generation_config.json", "config.json"):
-        path = directory / name
-        if not path.exists():
-            continue
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RgemmaError(f"{path} is not valid JSON: {e}") from None
+    for path, d in docs:
         v = d.get("eos_token_id") if isinstance(d, dict) else None
         for i in (v if isinstance(v, list) else [] if v is None else [v]):
-            if not isinstance(i, int) or isinstance(i, bool) or i < 0:
-                raise RgemmaError(f"{path}: eos_token_id must be token ids, got {v!r}")
+            if not is_int(i, 0, vocab_size - 1):
+                raise RgemmaError(f"{path}: eos_token_id must be token ids in [0, {vocab_size}) "
+                                  f"(vocab_size), got {short(v)}")
             ids.append(i)
     return tuple(dict.fromkeys(ids))
 

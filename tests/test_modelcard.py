@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -60,3 +62,45 @@ def test_eos_ids_come_from_generation_config(tmp_path, tiny_base_dir):
     (d / "generation_config.json").write_text('{"eos_token_id": ')
     with pytest.raises(RgemmaError, match="not valid JSON"):
         eos_ids(d)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "deep", "too-large", "id-too-big",
+                                  "negative", "bool"])
+def test_generation_config_is_untrusted_input(tmp_path, tiny_base_dir, kind):
+    """A FIFO is refused, not waited on; /dev/zero is refused, not read to exhaustion; deep
+    nesting is a parse error, not a RecursionError; ids outside [0, vocab_size) are refused."""
+    d = shutil.copytree(tiny_base_dir, tmp_path / "m")
+    gc = d / "generation_config.json"
+    vocab = json.loads((d / "config.json").read_text())["vocab_size"]
+    if kind == "fifo":
+        os.mkfifo(gc)
+    elif kind == "dev-zero":
+        os.symlink("/dev/zero", gc)
+    elif kind == "deep":
+        gc.write_text("[" * 100000)
+    elif kind == "too-large":
+        gc.write_text('{"eos_token_id": 1, "pad": "' + "x" * (2 << 20) + '"}')
+    else:
+        bad = {"id-too-big": [1, 99999999999999999999], "negative": -1, "bool": True}[kind]
+        gc.write_text(json.dumps({"eos_token_id": bad}))
+    with pytest.raises(RgemmaError, match="generation_config.json") as e:
+        read_card(d)
+    assert "\n" not in str(e.value)
+    gc.unlink()
+    gc.write_text(json.dumps({"eos_token_id": [1, vocab - 1]}))
+    assert eos_ids(d) == (1, vocab - 1)
+    gc.write_text(json.dumps({"eos_token_id": vocab}))
+    with pytest.raises(RgemmaError, match=r"\[0, %d\)" % vocab):
+        eos_ids(d)
+
+
+def test_info_and_generate_refuse_a_fifo_generation_config(tmp_path, tiny_base_dir):
+    """Subprocesses: before the fix both commands blocked forever in open()."""
+    d = shutil.copytree(tiny_base_dir, tmp_path / "m")
+    os.mkfifo(d / "generation_config.json")
+    for args in (["info", d], ["generate", "-m", d, "-n", "1", "--raw", "hi"]):
+        r = subprocess.run([sys.executable, "-m", "rgemma_cli.cli", *map(str, args)],
+                           capture_output=True, text=True, timeout=60)
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(err) == 1 and err[0].startswith("error: "), err
+        assert "generation_config.json" in err[0] and "FIFO" in err[0]
