@@ -100,7 +100,8 @@ def _number(body: dict, name: str, *, integer: bool = False, lo=None, hi=None, l
     kind = "an integer" if integer else "a number"
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
         raise _bad(f"'{name}' must be {kind}, got {json.dumps(v)[:40]}", name)
-    if not integer and not math.isfinite(v):
+    if isinstance(v, float) and not math.isfinite(v):  # (an int too large for a float is
+        # still compared exactly below: math.isfinite(10**400) would raise OverflowError)
         raise _bad(f"'{name}' must be a finite number", name)
     below = v <= lo if lo_open else v < lo if lo is not None else False
     if below or (hi is not None and v > hi):
@@ -147,7 +148,7 @@ def parse_messages(body: dict) -> list[dict]:
         if not isinstance(m, dict):
             raise _bad(f"{where} must be an object with 'role' and 'content'", "messages")
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list or object is unhashable
             raise _bad(f"{where}.role must be one of system, user, assistant, got "
                        f"{json.dumps(role)[:30]}", "messages")
         content = m.get("content")
@@ -163,7 +164,10 @@ def parse_prompt(body: dict, tokenizer) -> list[int]:
     if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
         p = p[0]
     if isinstance(p, str):
-        return tokenizer.raw_prompt(p)
+        try:  # a lone surrogate (a JSON \ud800 escape) is not text: refused naming it
+            return tokenizer.raw_prompt(p)
+        except RgemmaError as e:
+            raise _bad(str(e), "prompt") from None
     if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
         if min(p) < 0 or max(p) >= tokenizer.vocab_size:
             raise _bad(f"'prompt' token ids must be in [0, {tokenizer.vocab_size})", "prompt")

@@ -164,9 +164,29 @@ def assert_error(r, status, *words):
     # a JSON escape of half a surrogate pair is valid JSON but not a character: the message
     # names it (it once said "not valid UTF-8 (byte 0x00)")
     (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', ["lone surrogate U+D800"]),
+    # a field of an unexpected JSON type is the client's error (these were 500s: an unhashable
+    # role, an integer too large for math.isfinite)
+    (b'{"messages": [{"role": ["user"], "content": "x"}]}', ["messages[0].role"]),
+    (b'{"messages": [{"role": {"a": 1}, "content": "x"}]}', ["messages[0].role"]),
+    (b'{"messages": [{"role": "user", "content": "x"}], "temperature": 1' + b"0" * 400 + b"}",
+     ["temperature"]),
+    (b'{"messages": [{"role": "user", "content": "x"}], "min_p": -1' + b"0" * 400 + b"}",
+     ["min_p"]),
 ])
 def test_bad_chat_requests_are_400_with_a_clear_message(live, body, words):
     assert_error(httpx.post(live.base + "/v1/chat/completions", content=body), 400, *words)
+
+
+@pytest.mark.parametrize("body, words", [
+    (b'{"prompt": "hi \\ud800", "max_tokens": 2}', ["lone surrogate U+D800"]),
+    (b'{"prompt": "hi \\ud800", "max_tokens": 2, "stream": true}', ["lone surrogate U+D800"]),
+    (b'{"prompt": ["\\udfff"], "max_tokens": 2}', ["lone surrogate U+DFFF"]),
+    (b'{"prompt": "hi", "top_p": 1' + b"0" * 400 + b"}", ["top_p"]),
+    (b'{"prompt": "hi", "echo": [1]}', ["echo"]),
+    (b'{"prompt": {"text": "hi"}}', ["prompt"]),
+])
+def test_bad_completion_requests_are_400_before_any_stream(live, body, words):
+    assert_error(httpx.post(live.base + "/v1/completions", content=body), 400, *words)
 
 
 def test_limits_unknown_urls_and_methods(live):
@@ -205,12 +225,15 @@ def test_api_key_and_a_full_queue():
         s.stop()
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+# leaves include lone surrogates (valid JSON escapes, not text) and integers no float holds
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+                    | st.sampled_from(["hi \ud800", "\udfff", 10**400, -10**400]),
                     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
                     max_leaves=12)
 FIELDS = st.fixed_dictionaries({}, optional={
     "messages": st.lists(st.fixed_dictionaries({}, optional={
-        "role": st.sampled_from(["user", "assistant", "system", "tool", 3]), "content": JSON}), max_size=3) | JSON,
+        "role": st.sampled_from(["user", "assistant", "system", "tool", 3]) | JSON,
+        "content": JSON}), max_size=3) | JSON,
     "prompt": JSON, "max_tokens": st.integers(-2, 3) | JSON, "temperature": JSON, "top_p": JSON,
     "top_k": JSON, "min_p": JSON, "seed": JSON, "stop": JSON, "stream": st.booleans() | JSON,
     "stream_options": JSON, "repeat_penalty": JSON, "n": JSON, "model": JSON})
