@@ -4,19 +4,53 @@ Answers come out in input order. With an output file, each answer is appended th
 finished (so a Ctrl-C or a crash keeps every finished one), and the file is rewritten in input
 order at the end, atomically; running again with the same file skips the requests it already
 answers (a request is known by its "id", or by its line number when it has none).
+
+Both files are untrusted (docs/file-formats.md, "rgemma batch files"): the requests are read
+from a regular file or stdin, at most MAX_BATCH_BYTES; the output must be a regular file (or a
+link to one, whose target is written) that is empty or holds only answer lines of this command,
+so a file that is something else (notes, a device, a FIFO) is refused, never overwritten.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from .engine import Engine, request_from_json
 from .errors import RgemmaError
+from .files import check_writable, kind_of, read_regular, read_stream, write_atomic
+from .schema import parse_json
+
+MAX_BATCH_BYTES = 1 << 30  # a requests file or an output file read back to resume
+_ANSWER_START = b'{"id": '  # how every line `_answer_line` / `_error_line` writes begins
+
+
+def read_requests(path: str | Path) -> list[str]:
+    """The lines of a UTF-8 requests file ('-': stdin), a regular file of at most
+    MAX_BATCH_BYTES (a FIFO or /dev/zero is refused, not waited on or read forever).
+    Raises RgemmaError (one line)."""
+    if str(path) == "-":
+        data = read_stream(sys.stdin.buffer, "stdin", MAX_BATCH_BYTES)
+    else:
+        data = read_regular(path, "requests file (JSONL)", limit=MAX_BATCH_BYTES,
+                            missing=f"no such file: {path}")
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise RgemmaError(f"{path} is not valid UTF-8 (byte {e.start})") from None
+
+
+def check_output(output: str | Path) -> Path:
+    """Refuse, before any work, an output `rgemma batch` must not write: not a regular file
+    (see `files.check_writable`), or an existing file that is not this command's output. Returns
+    the path to write (a symlink's target)."""
+    path = check_writable(output, "batch output")
+    _previous_answers(path)
+    return path
 
 
 def _error_line(key, message: str, kind: str = "invalid_request") -> str:
@@ -33,43 +67,67 @@ def _answer_line(key, seq) -> str:
                       ensure_ascii=False)
 
 
+def _is_answer(obj) -> bool:
+    """One of the lines this command writes: {"id", "text", "finish_reason", ...} or
+    {"id", "error": {"message", "type"}}."""
+    if not isinstance(obj, dict) or "id" not in obj:
+        return False
+    err = obj.get("error")
+    if isinstance(err, dict):
+        return isinstance(err.get("message"), str)
+    return isinstance(obj.get("text"), str) and isinstance(obj.get("finish_reason"), str)
+
+
 def _previous_answers(output: Path | None) -> tuple[dict, list[str], bool]:
-    """({id key: line} of the answers already in `output`, all its well-formed lines, whether
-    the file ends in a newline). Malformed lines (a write cut short) are dropped."""
+    """({id key: line} of the answers already in `output`, all its answer lines, whether its
+    tail is clean). A last line cut short (a crash mid-write: an answer's start, no newline) is
+    dropped, and the tail is then not clean; any other line that is not an answer means the
+    file is not ours: RgemmaError, and it is left alone."""
     if output is None or not output.exists():
         return {}, [], True
-    try:
-        data = output.read_bytes().decode("utf-8", errors="replace")
-    except OSError as e:
-        raise RgemmaError(f"cannot read {output}: {e.strerror}") from None
+    data = read_regular(output, "batch output", limit=MAX_BATCH_BYTES)
+    rows = data.split(b"\n")
+    tail = rows.pop()  # b"" when the file ends in a newline
     answered, kept = {}, []
-    for line in data.splitlines():
+    if tail:
+        rows.append(tail)
+    for n, row in enumerate(rows, 1):
+        if not row.strip():  # (`touch`ed or `echo >`ed: nothing to lose)
+            continue
         try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(obj, dict) or "id" not in obj:
-            continue
+            obj = parse_json(row, "not JSON")
+            line = row.decode("utf-8")
+        except (RgemmaError, UnicodeDecodeError):
+            obj = line = None
+        if not _is_answer(obj):
+            if tail and n == len(rows) and tail.startswith(_ANSWER_START):
+                return answered, kept, False
+            raise RgemmaError(f"{output} is not an output of rgemma batch (line {n} is not an "
+                              f"answer object); refusing to overwrite it: choose another -o")
         kept.append(line)
         if "error" not in obj:
             answered[json.dumps(obj["id"])] = line
-    return answered, kept, data.endswith("\n") or not data
+    return answered, kept, not tail
 
 
-def _write_atomic(path: Path, lines: list[str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _open_append(path: Path):
+    """`path` opened to append, created 0o644 less the umask; a FIFO or device put there since
+    `check_output` is refused (O_NONBLOCK: opening a FIFO without a reader fails, not waits)."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0),
+                     0o644)
+    except OSError as e:
+        raise RgemmaError(f"cannot save batch output to {path}: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise RgemmaError(f"cannot save batch output to {path}: it is a {kind_of(mode)}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "w", encoding="utf-8")
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    write_atomic(path, ["".join(line + "\n" for line in lines).encode("utf-8")])
 
 
 def run_batch(model, tokenizer, lines: list[str], output: Path | None, *, batch_size: int,
@@ -78,8 +136,12 @@ def run_batch(model, tokenizer, lines: list[str], output: Path | None, *, batch_
     """Answer every request line (blank lines are skipped); returns False if interrupted.
 
     `settings`, `max_tokens`, `stop`, `chat` and `system` are the defaults of `generate`'s flags
-    (see `request_from_json`)."""
-    answered, kept, ends_in_newline = _previous_answers(output)
+    (see `request_from_json`). `output` is checked by `check_output` (RgemmaError)."""
+    if output is not None:
+        output = check_writable(output, "batch output")
+    answered, kept, clean = _previous_answers(output)  # (refuses a file that is not ours)
+    if not clean:  # drop a line cut short, so what is appended stays one answer per line
+        _write_lines(output, kept)
     engine = Engine(model, tokenizer, max_batch=batch_size)
     results: dict[int, str] = {}  # request index -> its output line
     keys, seqs, seen = [], {}, set()
@@ -118,9 +180,7 @@ def run_batch(model, tokenizer, lines: list[str], output: Path | None, *, batch_
 
     sink = None
     if output is not None:
-        sink = open(output, "a", encoding="utf-8")
-        if not ends_in_newline:
-            sink.write("\n")
+        sink = _open_append(output)
     printed = 0  # stdout: requests printed so far, in order
 
     def emit(i: int) -> None:
@@ -163,7 +223,7 @@ def run_batch(model, tokenizer, lines: list[str], output: Path | None, *, batch_
     if output is not None:  # every answer is in: put them in input order
         mine = {json.dumps(keys[i]) for i in results}
         extra = [line for line in kept if json.dumps(json.loads(line)["id"]) not in mine]
-        _write_atomic(output, [results[i] for i in range(len(keys))] + extra)
+        _write_lines(output, [results[i] for i in range(len(keys))] + extra)
     if progress:
         elapsed = time.perf_counter() - t0
         errors = sum('"error"' in line and "error" in json.loads(line) for line in results.values())

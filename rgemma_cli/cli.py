@@ -403,18 +403,16 @@ def batch(
     """Answer a file of requests, many decoded together; one JSON line out per request, in
     input order: id, text, finish_reason, prompt_tokens, completion_tokens, seed (or error).
     Each answer equals `rgemma generate` on that request alone with the same settings."""
-    from .batchrun import run_batch
+    from .batchrun import check_output, read_requests, run_batch
 
     overrides = _sampler_overrides(max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                    min_p=min_p, repeat_penalty=repeat_penalty,
                                    repeat_last_n=repeat_last_n, seed=seed)
     if batch_size < 1:
         raise RgemmaError(f"--batch-size must be >= 1, got {batch_size}")
-    lines = _read_jsonl(input_path)
-    if output is not None and output.is_dir():
-        raise RgemmaError(f"cannot write to {output}: it is a directory")
-    if output is not None and not output.parent.is_dir():
-        raise RgemmaError(f"cannot write to {output}: directory {output.parent} does not exist")
+    lines = read_requests(input_path)
+    if output is not None:  # refused before the model loads: a device, FIFO, someone's notes
+        output = check_output(output)
     m, tok = load_model(model, quiet)
     use_chat = chat if chat is not None else m.card.chat
     done = run_batch(m, tok, lines, output, batch_size=batch_size, settings=overrides,
@@ -422,22 +420,6 @@ def batch(
                      progress=not quiet)
     if not done:
         raise typer.Exit(130)
-
-
-def _read_jsonl(path: Path) -> list[str]:
-    """The lines of a UTF-8 file ('-': stdin)."""
-    try:
-        data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
-    except FileNotFoundError:
-        raise RgemmaError(f"no such file: {path}") from None
-    except IsADirectoryError:
-        raise RgemmaError(f"{path} is a directory, not a JSONL file") from None
-    except OSError as e:
-        raise RgemmaError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        return data.decode("utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise RgemmaError(f"{path} is not valid UTF-8 (byte {e.start})") from None
 
 
 @app.command()

@@ -86,6 +86,25 @@ def read_regular(path: str | Path, what: str = "file", limit: int | None = None,
     return data
 
 
+def read_stream(stream, what: str, limit: int) -> bytes:
+    """All bytes of a binary stream (stdin) up to `limit`: a stream that gives more (`cat
+    /dev/zero |`) is refused once `limit` + 1 bytes have come, instead of read until memory
+    runs out."""
+    chunks, n = [], 0
+    try:
+        while n <= limit:
+            chunk = stream.read(min(1 << 20, limit + 1 - n))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            n += len(chunk)
+    except OSError as e:
+        raise RgemmaError(f"cannot read {what}: {e.strerror or e}") from None
+    if n > limit:
+        raise RgemmaError(f"{what} is too large (more than {limit:,} bytes)")
+    return b"".join(chunks)
+
+
 def check_writable(path: str | Path, what: str = "file") -> Path:
     """Refuse, before any work, a target that `write_atomic` could not replace: a directory, a
     FIFO or device (a rename would replace the node itself, e.g. /dev/null), a missing or

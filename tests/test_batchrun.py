@@ -3,11 +3,15 @@ alone; bad lines get an error object; an interrupted run keeps its finished line
 skips them."""
 
 import json
+import os
+import stat
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
 
-from rgemma_cli import cli, engine
+from rgemma_cli import batchrun, cli, engine
 
 runner = CliRunner()
 
@@ -141,3 +145,100 @@ def test_interrupt_keeps_finished_lines_and_rerun_skips_them(tiny_model_dir, tmp
     rg("batch", "-m", tiny_model_dir, "-q", "-b", 5, "-o", dst, src)
     assert _lines(dst) == full  # complete, in input order
     assert sorted(submitted) == sorted(set(r["id"] for r in reqs) - {k["id"] for k in kept})
+
+
+# -- QA F8-F10: the requests and the output are untrusted files --------------------------------
+
+def _rgemma_subprocess(*args, input=None):
+    """A subprocess, so a FIFO that blocks (the bug) fails the test instead of hanging it."""
+    return subprocess.run([sys.executable, "-m", "rgemma_cli.cli", *map(str, args)], input=input,
+                          capture_output=True, text=True, timeout=60)
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_output_that_is_not_a_regular_file_is_refused_before_any_work(tiny_model_dir, tmp_path,
+                                                                       kind):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out"
+    src.write_text('{"prompt": "Hi", "max_tokens": 2}\n')
+    if kind == "fifo":
+        os.mkfifo(dst)
+    elif kind == "directory":
+        dst.mkdir()
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("mknod of a character device needs root")
+        os.mknod(dst, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a /dev/null of our own
+    r = _rgemma_subprocess("batch", "-m", tiny_model_dir, "-q", "-o", dst, src)
+    msg = _one_error_line(r.stderr)
+    assert r.returncode == 1 and ("it is a directory" if kind == "directory" else
+                                  "rgemma writes only regular files") in msg, msg
+    mode = os.lstat(dst).st_mode  # the node itself is untouched
+    assert {"fifo": stat.S_ISFIFO, "device": stat.S_ISCHR, "directory": stat.S_ISDIR}[kind](mode)
+
+
+@pytest.mark.parametrize("content", [b"my notes\n", b"my notes", b'{"a": 1}\n',
+                                     b'{"id": 1, "text": "x", "finish_reason": "stop"}\nmore\n',
+                                     b"[" * 100000 + b"\n", b"\xff\xfe\n"])
+def test_an_output_file_that_is_not_a_batch_output_is_refused_not_wiped(tiny_model_dir, tmp_path,
+                                                                         content):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "notes.md"
+    src.write_text('{"prompt": "Hi", "max_tokens": 2}\n')
+    dst.write_bytes(content)
+    r = rg("batch", "-m", tiny_model_dir, "-q", "-o", dst, src, code=1)
+    assert "not an output of rgemma batch" in _one_error_line(r.stderr)
+    assert dst.read_bytes() == content
+
+
+def test_output_symlink_target_is_written_new_files_are_0644(tiny_model_dir, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "Hi", "max_tokens": 2, "seed": 1}\n')
+    old = os.umask(0o022)
+    try:
+        rg("batch", "-m", tiny_model_dir, "-q", "-o", tmp_path / "new.jsonl", src)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "new.jsonl").st_mode) == 0o644
+    first = _lines(tmp_path / "new.jsonl")
+    link = tmp_path / "link.jsonl"
+    os.symlink("new.jsonl", link)
+    src.write_text('{"id": "a", "prompt": "Hi", "max_tokens": 2, "seed": 1}\n'
+                   '{"id": "b", "prompt": "Yo", "max_tokens": 2, "seed": 1}\n')
+    rg("batch", "-m", tiny_model_dir, "-q", "-o", link, src)
+    assert link.is_symlink() and os.readlink(link) == "new.jsonl"
+    got = _lines(tmp_path / "new.jsonl")
+    assert [g["id"] for g in got] == ["a", "b"] and got[0] == first[0]
+
+
+def test_a_line_cut_short_by_a_crash_is_dropped_on_resume(tiny_model_dir, tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": "a", "prompt": "Hi", "max_tokens": 2, "seed": 1}\n'
+                   '{"id": "b", "prompt": "Yo", "max_tokens": 2, "seed": 2}\n')
+    full = rg("batch", "-m", tiny_model_dir, "-q", "-o", dst, src) and _lines(dst)
+    dst.write_text(json.dumps(full[0], ensure_ascii=False) + '\n{"id": "b", "te')
+    rg("batch", "-m", tiny_model_dir, "-q", "-o", dst, src)
+    assert _lines(dst) == full
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory"])
+def test_requests_that_are_not_a_regular_file_are_refused(tiny_model_dir, tmp_path, kind):
+    src = {"fifo": tmp_path / "in.jsonl", "dev-zero": "/dev/zero", "directory": tmp_path}[kind]
+    if kind == "fifo":
+        os.mkfifo(src)
+    r = _rgemma_subprocess("batch", "-m", tiny_model_dir, "-q", src)
+    assert r.returncode == 1
+    assert {"fifo": "FIFO", "dev-zero": "character device", "directory": "directory"}[kind] \
+        in _one_error_line(r.stderr)
+
+
+def test_requests_from_stdin_are_bounded(tiny_model_dir, monkeypatch):
+    line = '{"id": "a", "prompt": "Hi", "max_tokens": 1}\n'
+    assert json.loads(rg("batch", "-m", tiny_model_dir, "-q", "-", input=line).stdout)["id"] == "a"
+    monkeypatch.setattr(batchrun, "MAX_BATCH_BYTES", 100)
+    r = rg("batch", "-m", tiny_model_dir, "-q", "-", input=line * 3, code=1)
+    assert "stdin is too large" in _one_error_line(r.stderr)
