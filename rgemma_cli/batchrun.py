@@ -53,18 +53,27 @@ def check_output(output: str | Path) -> Path:
     return path
 
 
+def _dumps(obj) -> str:
+    """One output line: UTF-8 as is, but a lone surrogate (a JSON \\ud800 escape in a request's
+    "id") stays escaped, since no UTF-8 file or terminal can hold it; it reads back the same."""
+    line = json.dumps(obj, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(obj)
+    return line
+
+
 def _error_line(key, message: str, kind: str = "invalid_request") -> str:
-    return json.dumps({"id": key, "error": {"message": " ".join(message.split()), "type": kind}},
-                      ensure_ascii=False)
+    return _dumps({"id": key, "error": {"message": " ".join(message.split()), "type": kind}})
 
 
 def _answer_line(key, seq) -> str:
     if seq.finish_reason == "error":
         return _error_line(key, seq.error or "internal error", "server_error")
-    return json.dumps({"id": key, "text": seq.text, "finish_reason": seq.finish_reason,
-                       "prompt_tokens": seq.prompt_tokens,
-                       "completion_tokens": seq.completion_tokens, "seed": seq.settings.seed},
-                      ensure_ascii=False)
+    return _dumps({"id": key, "text": seq.text, "finish_reason": seq.finish_reason,
+                   "prompt_tokens": seq.prompt_tokens,
+                   "completion_tokens": seq.completion_tokens, "seed": seq.settings.seed})
 
 
 def _is_answer(obj) -> bool:
@@ -150,12 +159,12 @@ def run_batch(model, tokenizer, lines: list[str], output: Path | None, *, batch_
         if not text.strip():
             continue
         i = len(keys)
-        try:
-            obj = json.loads(text)
-        except ValueError as e:
+        try:  # (parse_json: deep nesting is an error line too, not a RecursionError)
+            obj = parse_json(text, f"line {lineno} is not JSON")
+        except RgemmaError as e:
             keys.append(lineno)
             seen.add(json.dumps(lineno))  # its label is taken: a later "id" equal to it is a duplicate
-            results[i] = _error_line(lineno, f"line {lineno} is not JSON: {e}")
+            results[i] = _error_line(lineno, str(e))
             continue
         key = obj["id"] if isinstance(obj, dict) and "id" in obj else lineno
         keys.append(key)

@@ -242,3 +242,23 @@ def test_requests_from_stdin_are_bounded(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(batchrun, "MAX_BATCH_BYTES", 100)
     r = rg("batch", "-m", tiny_model_dir, "-q", "-", input=line * 3, code=1)
     assert "stdin is too large" in _one_error_line(r.stderr)
+
+
+def test_hostile_request_lines_get_error_lines_and_the_rest_proceed(tiny_model_dir, tmp_path):
+    """Deep nesting was a RecursionError and a lone surrogate in an "id" (a JSON \\ud800
+    escape) a UnicodeEncodeError, each killing the whole run as an internal error."""
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("[" * 100000 + "\n"
+                   '{"id": "a\\ud800", "prompt": "Hi", "max_tokens": 1, "seed": 1}\n'
+                   '{"id": "b", "prompt": "x\\udfff", "max_tokens": 1}\n'
+                   '{"id": "c", "prompt": "Hi", "max_tokens": NaN}\n'
+                   '{"id": "d", "prompt": "Hi", "max_tokens": 1, "seed": 1}\n')
+    out = [json.loads(line) for line in rg("batch", "-m", tiny_model_dir, "-q", src).stdout.splitlines()]
+    assert [o["id"] for o in out] == [1, "a\ud800", "b", 4, "d"]  # NaN is not JSON: line 4
+    assert "nested too deeply" in out[0]["error"]["message"]
+    assert "text" in out[1] and "text" in out[4]
+    assert "U+DFFF" in out[2]["error"]["message"] and "error" in out[3]
+    rg("batch", "-m", tiny_model_dir, "-q", "-o", dst, src)
+    assert _lines(dst) == out
+    rg("batch", "-m", tiny_model_dir, "-q", "-o", dst, src)  # resumes: the file reads back
+    assert _lines(dst) == out
