@@ -23,7 +23,7 @@ from pathlib import Path
 from .engine import Engine, request_from_json
 from .errors import RgemmaError
 from .files import check_writable, kind_of, read_regular, read_stream, write_atomic
-from .schema import parse_json
+from .schema import parse_json, plural
 
 MAX_BATCH_BYTES = 1 << 30  # a requests file or an output file read back to resume
 _ANSWER_START = b'{"id": '  # how every line `_answer_line` / `_error_line` writes begins
@@ -236,8 +236,8 @@ def run_batch(model, tokenizer, lines: list[str], output: Path | None, *, batch_
     if progress:
         elapsed = time.perf_counter() - t0
         errors = sum('"error"' in line and "error" in json.loads(line) for line in results.values())
-        print(f"{len(keys)} requests ({skipped} already answered, {errors} errors): "
-              f"{engine.tokens_decoded} tokens in {elapsed:.1f} s, "
+        print(f"{plural(len(keys), 'request')} ({skipped} already answered, {plural(errors, 'error')}): "
+              f"{plural(engine.tokens_decoded, 'token')} in {elapsed:.1f} s, "
               f"{engine.tokens_decoded / elapsed if elapsed else 0:.1f} tok/s", file=sys.stderr)
     return True
 

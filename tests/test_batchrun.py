@@ -262,3 +262,10 @@ def test_hostile_request_lines_get_error_lines_and_the_rest_proceed(tiny_model_d
     assert _lines(dst) == out
     rg("batch", "-m", tiny_model_dir, "-q", "-o", dst, src)  # resumes: the file reads back
     assert _lines(dst) == out
+
+
+def test_the_summary_counts_in_the_singular(tiny_base_dir, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "Hello", "max_tokens": 1}) + "\n")
+    r = rg("batch", "-m", tiny_base_dir, src)
+    assert "1 request (0 already answered, 0 errors): 1 token in" in r.stderr, r.stderr
