@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import ATTENTION, ModelConfig, read_config_json
 from .errors import RgemmaError
-from .files import read_regular
+from .files import read_regular, recover_dir
 from .formats import from_stored
 from .safetensors import SafetensorsFile, bf16_to_f32, write_atomic, write_safetensors
 from .schema import parse_json, short
@@ -45,6 +45,8 @@ def resolve(model: str, *, tqdm_class=None) -> Path:
             raise RgemmaError(f"the demo model is missing from {DEMO_DIR}")
         return DEMO_DIR
     path = Path(model).expanduser()
+    if not os.path.lexists(path):  # `rgemma quantize` killed between its renames: put it back
+        recover_dir(path)
     if path.is_dir():
         return path
     if path.exists():
@@ -299,7 +301,9 @@ class CheckpointWriter:
     shard is written atomically under a temporary name and renamed by `close()`, once the
     number of shards is known; `close()` also removes the shard and index files of an earlier
     checkpoint in the directory, which would otherwise be read instead of, or with, the new one.
-    config.json and the side files are the caller's.
+    config.json and the side files are the caller's. Writing into an existing model directory
+    is not atomic as a whole: to replace a model, write into a fresh `files.make_temp_dir` and
+    swap it in with `files.replace_dir`, as `rgemma quantize` does.
     """
 
     def __init__(self, directory, shard_bytes: int | None = 2 << 30, metadata: dict | None = None):

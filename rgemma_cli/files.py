@@ -15,9 +15,11 @@ saves that died (SIGKILL, power loss) are removed by the next save into the same
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import secrets
+import shutil
 import stat
 from pathlib import Path
 
@@ -161,9 +163,9 @@ def _create_temp(directory: Path) -> tuple[int, Path]:
 
 
 def remove_orphans(directory: Path) -> int:
-    """Remove temp files left in `directory` by saves whose process is gone (a SIGKILL between
-    the temp file's creation and the rename); returns how many. A temp file of a live process
-    (another save in progress) is never touched."""
+    """Remove temp files and temp directories (`make_temp_dir`) left in `directory` by saves
+    whose process is gone (a SIGKILL between the temp's creation and the rename); returns how
+    many. The temp of a live process (another save in progress) is never touched."""
     removed = 0
     try:
         entries = list(os.scandir(directory))
@@ -179,6 +181,9 @@ def remove_orphans(directory: Path) -> int:
         try:
             if entry.is_file(follow_symlinks=False):
                 os.unlink(entry.path)
+                removed += 1
+            elif entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
                 removed += 1
         except OSError:
             pass
@@ -244,13 +249,111 @@ def write_atomic(path: str | Path, parts) -> None:
         if replaced:
             return
         raise
-    try:  # make the rename itself durable; not possible on every platform/filesystem
-        dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fsync_dir(path.parent)
+    except KeyboardInterrupt:
+        raise SaveInterrupted(True) from None
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the entries of `directory` (creations, renames) durable; a no-op where a directory
+    cannot be opened or fsynced (some platforms and filesystems)."""
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
     except OSError:
         pass
-    except KeyboardInterrupt:
-        raise SaveInterrupted(True) from None
+
+
+# -- directories replaced whole -------------------------------------------------------------------
+# A target T is replaced by: build everything in a temp directory D beside it (same filesystem),
+# fsync; rename T to its aside A; rename D to T; rename A to a temp name and delete it. A
+# SIGKILL before the first rename leaves T as it was (D is an orphan temp); between the two
+# renames T is missing and A holds the old directory, complete: `recover_dir` renames it back;
+# after the second, T is the new directory and A, or its temp, is deleted by the next run.
+
+def make_temp_dir(parent: Path) -> Path:
+    """A new, empty directory in `parent` named like `_create_temp`'s files (removed by
+    `remove_orphans` once this process is gone). Cleans the orphans of dead runs first."""
+    remove_orphans(parent)
+    while True:
+        tmp = parent / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}.tmp"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _aside_prefix(target: Path) -> str:
+    """The name prefix of `target`'s aside, completed by the pid of the run that made it:
+    ".NAME.rgemma-old-PID", or ".rgemma-old-HASH-PID" when NAME is too long for that."""
+    prefix = f".{target.name}.rgemma-old-"
+    if len(os.fsencode(prefix)) + 12 > _name_max(target.parent):
+        prefix = f".rgemma-old-{hashlib.sha256(os.fsencode(target.name)).hexdigest()[:16]}-"
+    return prefix
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put the complete directory `new` (in target's parent) in place of `target`, which may
+    be missing; see the comment above for what a SIGKILL at any point leaves. OSError
+    before the second rename leaves `target` as it was."""
+    parent = target.parent
+    fsync_dir(new)
+    if not os.path.lexists(target):
+        os.rename(new, target)
+        fsync_dir(parent)
+        return
+    aside = parent / f"{_aside_prefix(target)}{os.getpid()}"
+    os.rename(target, aside)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(aside, target)
+        raise
+    fsync_dir(parent)
+    _discard(aside)
+
+
+def _discard(directory: Path) -> None:
+    # renamed to a temp name first, so that an aside is always a complete directory; a SIGKILL
+    # inside rmtree leaves a temp that the next run removes
+    doomed = directory.parent / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}.tmp"
+    try:
+        os.rename(directory, doomed)
+    except OSError:
+        doomed = directory
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def recover_dir(target: Path) -> bool:
+    """Finish a `replace_dir` of `target` whose process was killed: if `target` is missing and
+    a dead run's aside of it exists, rename the aside (the previous directory, complete) back;
+    asides left beside an existing `target` are deleted. Asides of live runs are not touched.
+    Returns whether `target` was restored. Errors (a read-only directory) are ignored."""
+    target = Path(target)
+    prefix = _aside_prefix(target)
+    try:
+        asides = sorted((e.name for e in os.scandir(target.parent)
+                         if e.name.startswith(prefix) and e.name[len(prefix):].isdigit()),
+                        key=lambda n: int(n[len(prefix):]))
+    except OSError:
+        return False
+    restored = False
+    for name in asides:
+        pid = int(name[len(prefix):])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            if not os.path.lexists(target):
+                os.rename(target.parent / name, target)
+                fsync_dir(target.parent)
+                restored = True
+            else:
+                _discard(target.parent / name)
+        except OSError:
+            pass
+    return restored

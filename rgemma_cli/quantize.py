@@ -22,14 +22,16 @@ a 4-bit weight costs 4.25 bits. Files from before, with F32 scales, load as well
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import IGNORED, CheckpointWriter, open_tensors
+from .checkpoint import IGNORED, CheckpointWriter, load_weights, open_tensors
 from .config import read_config_json
 from .errors import RgemmaError
+from .files import make_temp_dir, recover_dir, replace_dir, write_atomic
 from .formats import Q4_GROUP, SCALE_SUFFIX
 from .modelcard import RECORD_KEY, chat_nature
 from .safetensors import SafetensorsFile, bf16_to_f32, f32_to_bf16
@@ -124,28 +126,80 @@ def quantize_checkpoint(src_dir, out_dir, bits: int, *, embedding_bits: int | No
     width is not a multiple of 64 is written as int8). embedding_bits: the tied embedding /
     output head: 4, 8 or 16 (kept as stored); by default the same as `bits`. Tokenizer and other side files are copied.
     `progress(done_tensors, total_tensors)` is called after each tensor if given.
+
+    The source is checked as `load` checks it (config.json, every tensor with its shape and
+    dtype) before anything is written. `out_dir` is replaced whole and atomically: the copy is
+    built in a temp directory beside it and swapped in (`files.replace_dir`); an existing
+    `out_dir` must be empty or a model written by rgemma quantize. Raises RgemmaError (one
+    line) for a bad source, an unusable `out_dir`, or a failed write (`out_dir` unchanged).
     """
     if bits not in (4, 8):
         raise RgemmaError(f"--bits must be 8 or 4, got {bits}")
     embedding_bits = bits if embedding_bits is None else embedding_bits
     if embedding_bits not in (4, 8, 16):
         raise RgemmaError(f"embedding bits must be 4, 8 or 16, got {embedding_bits}")
-    src, out = Path(src_dir), Path(out_dir)
+    src = Path(src_dir)
     config = read_config_json(src / "config.json")
     if "quantization" in config:
         raise RgemmaError(f"{src} is already quantized ({config['quantization']})")
-    if out.resolve() == src.resolve():
+    load_weights(src)  # the loader's own checks: a copy of a source it refuses could not load
+    shown = Path(out_dir)
+    out = _output_dir(src, shown)
+    try:
+        tmp = make_temp_dir(out.parent)
+    except OSError as e:
+        raise RgemmaError(f"cannot write {shown}: {e.strerror or e} (directory {out.parent})") from None
+    try:
+        _write_copy(src, tmp, config, bits, embedding_bits, shard_bytes, progress)
+        replace_dir(tmp, out)
+    except OSError as e:
+        raise RgemmaError(f"cannot write {shown}: {e.strerror or e}; {shown} is unchanged") from None
+    finally:
+        if tmp.exists():  # not swapped in: a failure, Ctrl-C
+            shutil.rmtree(tmp, ignore_errors=True)
+    return shown
+
+
+def _output_dir(src: Path, given: Path) -> Path:
+    """The directory to replace for OUT (a symlink's target: the link stays), after finishing
+    a killed run's swap into it; refuses what must not be replaced. Messages name OUT as given."""
+    out = given
+    real = Path(os.path.realpath(given))
+    recover_dir(real)
+    if real == src.resolve() or real in src.resolve().parents:
         raise RgemmaError(f"{out} is the model's own directory: the output must be another "
                           f"directory (the same directory would replace the model being read)")
-    if out.exists() and not out.is_dir():
+    if os.path.lexists(real) and not real.is_dir():
         raise RgemmaError(f"{out} exists and is not a directory: give a new or existing directory")
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        occupied = real.is_dir() and any(real.iterdir())
     except OSError as e:
-        raise RgemmaError(f"cannot create {out}: {e.strerror or e}") from None
+        raise RgemmaError(f"cannot read {out}: {e.strerror or e}") from None
+    if occupied and not _made_by_quantize(real):
+        raise RgemmaError(f"{out} is a directory that does not hold a model written by rgemma "
+                          f"quantize; the output replaces its directory whole, so give a new or "
+                          f"empty directory")
+    try:
+        real.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RgemmaError(f"cannot create {out.parent}: {e.strerror or e}") from None
+    return real
+
+
+def _made_by_quantize(directory: Path) -> bool:
+    try:
+        method = (read_config_json(directory / "config.json").get("quantization") or {})
+        return isinstance(method, dict) and method.get("method") == "rgemma"
+    except RgemmaError:
+        return False
+
+
+def _write_copy(src: Path, out: Path, config: dict, bits: int, embedding_bits: int,
+                shard_bytes: int, progress) -> None:
+    """The quantized checkpoint, its side files and config.json, written into the empty `out`
+    and fsynced."""
     untied = config.get("tie_word_embeddings") is False  # then lm_head.weight is the head: keep it
     names = [(f, n) for n, f in open_tensors(src).items() if untied or n not in IGNORED]
-
     writer = CheckpointWriter(out, shard_bytes)
     for done, (f, name) in enumerate(names, 1):
         layer = name.rsplit(".", 1)[0]
@@ -165,9 +219,10 @@ def quantize_checkpoint(src_dir, out_dir, bits: int, *, embedding_bits: int | No
         if p.is_file() and p.suffix != ".safetensors" and p.name not in (
                 "config.json", "model.safetensors.index.json"):
             shutil.copy2(p, out / p.name)
+            with open(out / p.name, "rb") as copy:
+                os.fsync(copy.fileno())
     config["quantization"] = {"method": "rgemma", "bits": bits, "group_size": Q4_GROUP,
                               "embedding_bits": embedding_bits}
     chat, why = chat_nature(src)  # a copy is a chat model exactly when its source is
     config[RECORD_KEY] = {"chat": chat, "source": f"{src.resolve()}: {why}"}
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out
+    write_atomic(out / "config.json", [(json.dumps(config, indent=2) + "\n").encode()])

@@ -40,7 +40,7 @@ def tiny64(tmp_path_factory):
     t = {k: np.array(v) for k, v in _tensors(d).items()}
     for k, v in t.items():  # fan-in scaling, so that activations stay O(1) like a trained model
         if v.ndim == 2 and k.endswith("proj.weight") or "linear_" in k and k.endswith("weight"):
-            t[k] = v / np.sqrt(v.shape[1])
+            t[k] = (v / np.sqrt(v.shape[1])).astype(np.float32)
     write_safetensors(d / "model.safetensors", t)
     return d
 
@@ -130,3 +130,150 @@ def test_weight_format_names_each_storage():
     assert F.describe(F.Int4Weight(p, np.ones(s.shape, np.float32))) == "4-bit (groups of 64, f32 scales)"
     assert F.describe(F.Int8Weight(*Q.quantize_int8(w))) == "int8 (per-row scales)"
     assert [F.describe(w.astype(t)) for t in (np.float32, np.float16, np.uint16)] == ["f32", "f16", "bf16"]
+
+
+# -- the source is checked as load checks it, before anything is written (F13) -----------------
+
+def _quantize_cli(capsys, *args):
+    """`rgemma quantize -q ARGS` through cli.main: (exit status, stderr lines)."""
+    from rgemma_cli import cli
+    code = cli.main(["quantize", "-q", *map(str, args)])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def _broken_source(directory, tensors=None, **config):
+    d = write_tiny_model(directory)
+    if tensors:
+        t = {k: np.array(v) for k, v in _tensors(d).items()}
+        t.update(tensors)
+        write_safetensors(d / "model.safetensors", t)
+    if config:
+        c = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**c, **config}))
+    return d
+
+
+GATE = "model.layers.0.mlp_block.gate_proj.weight"
+
+
+@pytest.mark.parametrize("tensors, config, message", [
+    ({GATE: np.ones(32, np.float32)}, {}, "tensor model.layers.0.mlp_block.gate_proj.weight has shape [32]"),
+    ({GATE: np.ones((32, 32, 2), np.float32)}, {}, "has shape [32, 32, 2], expected [32, 32]"),
+    ({}, {"num_hidden_layers": 1000000}, "num_hidden_layers"),
+    ({}, {"num_hidden_layers": 4}, "says num_hidden_layers=4 but the checkpoint holds 3 layers"),
+    ({"model.layers.0.mlp_block.up_proj.bias": np.full(32, np.nan, np.float32)}, {}, "NaN or Inf"),
+    ({"model.layers.0.mlp_block.up_proj.weight": np.ones((32, 32), np.int32)}, {}, "dtype I32"),
+])
+def test_a_source_that_load_refuses_is_refused_before_anything_is_written(
+        tmp_path, capsys, tensors, config, message):
+    src = _broken_source(tmp_path / "src", tensors, **config)
+    out = tmp_path / "out" / "q"
+    code, err = _quantize_cli(capsys, "--bits", 4, src, out)
+    assert code == 1 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+# -- OUT is replaced whole, atomically (F12) ----------------------------------------------------
+
+def test_out_must_be_new_empty_or_a_model_written_by_quantize(tiny64, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    code, err = _quantize_cli(capsys, tiny64, mine)
+    assert code == 1 and "does not hold a model written by rgemma quantize" in err[0]
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _quantize_cli(capsys, tiny64, empty)[0] == 0 and (empty / "config.json").exists()
+    link = tmp_path / "link"  # a symlink to OUT stays a symlink; its target is replaced
+    link.symlink_to(empty)
+    assert _quantize_cli(capsys, "--bits", 4, tiny64, link)[0] == 0
+    assert link.is_symlink() and json.loads((empty / "config.json").read_text())["quantization"]["bits"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "link", "mine"]
+    for own in (tiny64, tiny64.parent):  # replacing either would delete the source
+        code, err = _quantize_cli(capsys, tiny64, own)
+        assert code == 1 and len(err) == 1 and "error: " in err[0] and (tiny64 / "config.json").exists()
+
+
+def _state_of(out):
+    """The bits of the model at `out` after a load's recovery, checked for consistency: the
+    config and the tensors say the same, and `load_weights` accepts it."""
+    from rgemma_cli.checkpoint import load_weights, resolve
+    cfg, weights, _ = load_weights(resolve(str(out)))
+    bits = json.loads((out / "config.json").read_text())["quantization"]["bits"]
+    kind = type(weights["model.layers.0.mlp_block.down_proj.weight"])
+    assert kind is {8: F.Int8Weight, 4: F.Int4Weight}[bits], (bits, kind)
+    return bits
+
+
+def _killed_at(fn_name, when, n, src, out):
+    """Fork a child that runs `rgemma quantize --bits 4 src out` and SIGKILLs itself just
+    `when` ("before" / "after") the n-th call of `fn_name` (os.fsync, os.rename, ...).
+    Returns whether the kill happened (False: the run finished first)."""
+    import os
+    import shutil
+    import signal
+    module = os if hasattr(os, fn_name) else shutil
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            real, calls = getattr(module, fn_name), [0]
+
+            def killer(*a, **k):
+                calls[0] += 1
+                if calls[0] == n and when == "before":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                r = real(*a, **k)
+                if calls[0] == n:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return r
+            setattr(module, fn_name, killer)
+            from rgemma_cli import cli
+            code = cli.main(["quantize", "-q", "--bits", "4", str(src), str(out)])
+        finally:
+            os._exit(3)
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        assert os.WTERMSIG(status) == signal.SIGKILL
+        return True
+    assert os.WEXITSTATUS(status) == 3  # finished (the finally's exit) without a kill
+    return False
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_kill_at_any_point_leaves_the_old_or_the_new_model(tiny64, tmp_path):
+    # every call of each of these, killed just before and just after: every file written and
+    # fsynced (shards, index, config.json, side files; after an fsync comes the next call
+    # killed before), renamed into place, the directory swap and the cleanup
+    parent = tmp_path / "models"
+    out = parent / "qb"
+    Q.quantize_checkpoint(tiny64, out, 8)
+    seen = set()
+    for fn, when in [("fsync", "before"), ("copy2", "before"), ("copy2", "after")] + [
+            (fn, when) for fn in ("replace", "rename", "rmtree") for when in ("before", "after")]:
+        for n in range(1, 50):
+            if not _killed_at(fn, when, n, tiny64, out):
+                Q.quantize_checkpoint(tiny64, out, 8)  # it finished: back to int8
+                break
+            seen.add(_state_of(out))  # the old (8) or the new (4) model, never a mix
+            Q.quantize_checkpoint(tiny64, out, 8)  # the next run cleans up
+            assert sorted(p.name for p in parent.iterdir()) == ["qb"], (fn, when, n)
+            assert _state_of(out) == 8
+    assert seen == {8, 4}  # kills landed both before and after the swap
+
+
+def test_a_killed_run_as_a_separate_process(tmp_path):
+    # the report's reproduction: SIGKILL in the side-file copy of `quantize --bits 4 demo qb`
+    # over an int8 copy used to leave 4-bit weights under a config saying 8 bits
+    import subprocess
+    import sys
+    from rgemma_cli.checkpoint import DEMO_DIR
+    Q.quantize_checkpoint(DEMO_DIR, tmp_path / "qb", 8)
+    script = ("import os, signal, shutil, sys\n"
+              "shutil.copy2 = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "from rgemma_cli.cli import main\n"
+              "sys.exit(main(['quantize', '-q', '--bits', '4', 'demo', 'qb']))\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True)
+    assert r.returncode == -9, r.stderr
+    assert _state_of(tmp_path / "qb") == 8
