@@ -182,8 +182,8 @@ def remove_orphans(directory: Path) -> int:
             if entry.is_file(follow_symlinks=False):
                 os.unlink(entry.path)
                 removed += 1
-            elif entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
+            elif entry.is_dir(follow_symlinks=False) and entry.name.startswith(TEMP_PREFIX):
+                shutil.rmtree(entry.path)  # only ours: never a user's ".x.123.tmp" directory
                 removed += 1
         except OSError:
             pass

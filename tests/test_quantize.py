@@ -277,3 +277,13 @@ def test_a_killed_run_as_a_separate_process(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True)
     assert r.returncode == -9, r.stderr
     assert _state_of(tmp_path / "qb") == 8
+
+
+def test_only_our_own_temp_directories_are_removed(tmp_path):
+    from rgemma_cli.files import remove_orphans
+    dead = 2**22 + 12345  # above Linux's default pid_max: no such process
+    ours, theirs = tmp_path / f".rgemma-tmp-{dead}-abc.tmp", tmp_path / f".notes.{dead}.tmp"
+    for d in (ours, theirs):
+        d.mkdir()
+        (d / "f").write_text("x")
+    assert remove_orphans(tmp_path) == 1 and not ours.exists() and (theirs / "f").exists()
