@@ -364,9 +364,13 @@ def check_model(saved: Saved, model, tokenizer, path) -> None:
         # the digest covers the model's config, but the file's own copy of the config (which
         # shaped its tensors) is a separate field: a file edited to another config with the
         # digest kept would resume a state of the wrong shape or meaning
-        if saved.config != model.config:
+        # (compared field by field as JSON: a key an older rgemma did not write is skipped)
+        mine_cfg = json.loads(json.dumps(mine["config"]))
+        theirs = saved.model["config"]
+        bad = [k for k in theirs if k in mine_cfg and theirs[k] != mine_cfg[k]]
+        if bad:
             raise RgemmaError(f"{path} is corrupt (its model config does not match the model "
-                              f"its digest names)")
+                              f"its digest names: {', '.join(bad[:3])})")
         return
     name = saved.model.get("name")
     what = "tokenizer" if saved.model.get("fingerprint") == mine["fingerprint"] else "model"
