@@ -277,6 +277,5 @@ def _check_text(messages) -> None:
     for i, m in enumerate(messages):
         problem = not_utf8(str(m.get("content", "")))
         if problem:
-            raise RgemmaError(f"text {problem}" if len(messages) == 1 or (
-                len(messages) == 2 and messages[0].get("role") == "system" and i == 1)
-                else f"message {i + 1} ({m.get('role')}) {problem}")
+            where = "text" if len(messages) == 1 else f"message {i + 1} ({m.get('role')})"
+            raise RgemmaError(f"{where} {problem}")
