@@ -151,7 +151,11 @@ def block_diagonal(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
                                    np.ascontiguousarray(b, np.float32).reshape(H, m), y[0])
         return y
     w = bf16_to_f32(w) if w.dtype == np.uint16 else np.asarray(w, np.float32)
-    xb = x.reshape(x.shape[0], H, n).transpose(1, 0, 2)  # (H, T, bw)
+    # (H, T, bw) copied, not a strided view: BLAS gets every operand contiguous. OpenBLAS
+    # 0.3.31's SME kernel (arm64) returns wrong products for a left operand whose rows are
+    # padded (16 rows of 4 x 4 blocks, docs/arm64.md); contiguous operands were right in every
+    # shape tried.
+    xb = np.ascontiguousarray(x.reshape(x.shape[0], H, n).transpose(1, 0, 2))
     return (np.matmul(xb, w).transpose(1, 0, 2) + b.reshape(H, m)).reshape(x.shape[0], H * m)
 
 
