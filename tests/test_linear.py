@@ -187,3 +187,50 @@ def test_int8_kernel_takes_read_only_weights():
     x = _x(1, 512)
     ref = x.astype(np.float64) @ (q.astype(np.float64) * s[:, None]).T
     np.testing.assert_allclose(L.linear(x, F.Int8Weight(q, s)), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not __import__("rgemma_cli.kernels.cpu", fromlist=["ISA"]).ISA,
+                    reason="the register tiles are x86 kernels")
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "int8", "q4"])
+def test_every_decode_tile_shape_gives_the_same_bits(fmt):
+    # cpu.DECODE_ROWS picks the rows per decode tile by CPU family (and prefetching with fewer
+    # than 4): whichever a machine gets, a row's bits are those of the 4 x 2 batched tiles, so
+    # every shape is run here on this machine. 12 rows: the last tile's prefetch points past
+    # the array (a prefetch must not fault).
+    from numba import njit
+    from rgemma_cli.kernels import cpu, tile as T
+    rows, n = 12, 640
+    x = _x(1, n)
+    vnni = cpu.ISA == "vnni"
+    if fmt in ("f32", "bf16"):
+        w = _w(rows, n) if fmt == "f32" else f32_to_bf16(_w(rows, n))
+        args, build = (w, x), (lambda R, pf: T.tile(R, 1, pf))
+    elif fmt == "int8":
+        w = rng.integers(-127, 128, (rows, n), dtype=np.int8)
+        args, build = (w, rng.integers(-32767, 32768, (1, n)).astype(np.int16)), (lambda R, pf: T.tile_i8(R, 1, vnni, pf))
+    else:
+        packed = rng.integers(0, 256, (rows, n // 2), dtype=np.uint8)
+        XQ = rng.integers(-127, 128, (1, n), dtype=np.int8)
+        XT = (8 * XQ.reshape(1, -1, F.Q4_GROUP).astype(np.int32).sum(axis=2)).astype(np.int32)
+        args, build = (packed, None, XQ, XT), (lambda R, pf: T.tile_q4(R, 1, vnni, pf))
+    outs = []
+    for R, pf in ((4, False), (4, True), (2, True), (2, False), (1, True), (1, False)):
+        t = build(R, pf)
+        if fmt == "q4":
+            @njit
+            def run(packed, XQ, XT, Y, t=t, R=R):
+                for r in range(0, packed.shape[0], R):
+                    CS = np.full((R, XT.shape[1]), np.float32(0.01))
+                    t(packed, CS, XQ, XT, Y, r, 0)
+            Y = np.zeros((1, rows), np.float32)
+            run(args[0], args[2], args[3], Y)
+        else:
+            @njit
+            def run(w, X, Y, t=t, R=R):
+                for r in range(0, w.shape[0], R):
+                    t(w, X, Y, r, 0)
+            Y = np.zeros((1, rows), np.float32)
+            run(*args, Y)
+        outs.append(Y)
+    assert all(np.array_equal(o, outs[0]) for o in outs[1:])
+    assert np.any(outs[0] != 0)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .cpu import ISA
+from .cpu import DECODE_ROWS, ISA
 from .tile import tile, tile_i8, tile_q4
 from .widen import as_f32, f16_bits_to_f32
 
@@ -294,6 +294,10 @@ if ISA:
     # ymm registers, but LLVM unrolls the loop by two and spilled every accumulator to the
     # stack each step: 38 GFLOP/s in bf16 on Zen 3; 4 x 2 fits unrolled)
     _t4x1, _t1x1, _t4x2, _t1x2 = (tile(R, J) for R, J in ((4, 1), (1, 1), (4, 2), (1, 2)))
+    # the decode tiles (`cpu.DECODE_ROWS`: rows per tile; fewer than 4 also prefetch)
+    _F32_ROWS, _BF16_ROWS = DECODE_ROWS["f32"], DECODE_ROWS["bf16"]
+    _f32_decode = tile(_F32_ROWS, 1, prefetch=_F32_ROWS < 4)
+    _bf16_decode = tile(_BF16_ROWS, 1, prefetch=_BF16_ROWS < 4)
     # no fastmath where the tiles are inlined: Numba's fast-math pass flags every float op of
     # the function, the tiles' in-order lane sums included, and LLVM then reorders them
     # differently per tile shape (a row's bits changed with the batch size)
@@ -301,12 +305,18 @@ if ISA:
 
     @njit(parallel=True, **_exact)
     def _matvec_tiled(w, x, b, y):
-        """y = W x + b, four weight rows per tile (x is read once for the four)."""
+        """y = W x + b, `cpu.DECODE_ROWS` weight rows per tile (x is read once for them all)."""
         rows = w.shape[0]
         X, Y = x.reshape(1, x.size), y.reshape(1, rows)
-        for t in prange(rows // 4):
-            _t4x1(w, X, Y, 4 * t, 0)
-        for r in range(rows - rows % 4, rows):
+        if w.itemsize == 2:
+            R = _BF16_ROWS
+            for t in prange(rows // R):
+                _bf16_decode(w, X, Y, R * t, 0)
+        else:
+            R = _F32_ROWS
+            for t in prange(rows // R):
+                _f32_decode(w, X, Y, R * t, 0)
+        for r in range(rows - rows % R, rows):
             _t1x1(w, X, Y, r, 0)
         if b.size:
             for r in range(rows):
@@ -391,6 +401,8 @@ def _matmat_i8_portable(w, scale, X, b, Y):
 if ISA:
     _i4x1, _i1x1, _i4x2, _i1x2 = (tile_i8(R, J, ISA == "vnni") for R, J in
                                   ((4, 1), (1, 1), (4, 2), (1, 2)))
+    _I8_ROWS = DECODE_ROWS["int8"]
+    _i8_decode = tile_i8(_I8_ROWS, 1, ISA == "vnni", prefetch=_I8_ROWS < 4)
 
     @njit(**_exact)
     def _scale_rows(Y, scale, xscale, b, lo, hi):
@@ -403,14 +415,15 @@ if ISA:
 
     @njit(parallel=True, **_exact)
     def _matvec_i8_tiled(w, scale, x, b, y):
-        """y = W x + b for int8 W: x quantized to int16 (`quantize_i16`), four weight rows per
-        integer tile (`tile.tile_i8`)."""
+        """y = W x + b for int8 W: x quantized to int16 (`quantize_i16`), `cpu.DECODE_ROWS`
+        weight rows per integer tile (`tile.tile_i8`)."""
         x16, xscale = quantize_i16(x)
         rows = w.shape[0]
         X, Y = x16.reshape(1, x.size), y.reshape(1, rows)
-        for t in prange(rows // 4):
-            _i4x1(w, X, Y, 4 * t, 0)
-        for r in range(rows - rows % 4, rows):
+        R = _I8_ROWS  # weight rows per tile (`cpu.DECODE_ROWS`)
+        for t in prange(rows // R):
+            _i8_decode(w, X, Y, R * t, 0)
+        for r in range(rows - rows % R, rows):
             _i1x1(w, X, Y, r, 0)
         _scale_rows(Y, scale, np.full(1, xscale, np.float32), b, 0, rows)
 
@@ -496,6 +509,8 @@ def _quantize_groups_q4(X):
 if ISA:
     _q4x1, _q1x1, _q4x2, _q1x2 = (tile_q4(R, J, ISA == "vnni") for R, J in
                                   ((4, 1), (1, 1), (4, 2), (1, 2)))
+    _Q4_ROWS = DECODE_ROWS["q4"]
+    _q4_decode = tile_q4(_Q4_ROWS, 1, ISA == "vnni", prefetch=_Q4_ROWS < 4)
 
     @njit(**_exact)
     def _tile_scales(scale, XS, r0, R, j0, J, CS):
@@ -525,15 +540,22 @@ if ISA:
 
     @njit(parallel=True, **_exact)
     def _matvec_q4_tiled(packed, scale, x, b, y):
-        """y = W x + b for 4-bit W (groups of Q4_GROUP): x quantized per group, four weight
-        rows per integer tile (`tile.tile_q4`)."""
+        """y = W x + b for 4-bit W (groups of Q4_GROUP): x quantized per group,
+        `cpu.DECODE_ROWS` weight rows per integer tile (`tile.tile_q4`)."""
         XQ, XS, XT = _quantize_groups_q4(x.reshape(1, x.size))
         rows, ng = packed.shape[0], scale.shape[1]
         Y = y.reshape(1, rows)
         chunk = 64  # rows per parallel task (a multiple of 4), each with its scratch of scales
         for t in prange((rows + chunk - 1) // chunk):
             CS = np.empty((4, ng), np.float32)
-            _q4_tiles(packed, scale, XQ, XS, XT, Y, t * chunk, min(rows, (t + 1) * chunk), 0, 1, CS)
+            lo, hi = t * chunk, min(rows, (t + 1) * chunk)
+            R = _Q4_ROWS  # weight rows per tile (`cpu.DECODE_ROWS`)
+            for r in range(lo, hi - (hi - lo) % R, R):
+                _tile_scales(scale, XS, r, R, 0, 1, CS)
+                _q4_decode(packed, CS, XQ, XT, Y, r, 0)
+            for r in range(hi - (hi - lo) % R, hi):
+                _tile_scales(scale, XS, r, 1, 0, 1, CS)
+                _q1x1(packed, CS, XQ, XT, Y, r, 0)
         if b.size:
             for r in range(rows):
                 y[r] += b[r]

@@ -49,6 +49,20 @@ def _signature(arrays, r0, j0):
     return types.none(*(a for a, _ in arrays), types.int64, types.int64)
 
 
+def _prefetch_ahead(builder, data, at, span):
+    """Software prefetches (into all cache levels) of the `span` bytes from byte offset `at`
+    of `data`, one per 64-byte line: the next tile's weights, which follow this tile's in
+    memory. A prefetch never faults, so the last tile may point past the array."""
+    mod = builder.module
+    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    pf = cgutils.get_or_insert_function(mod, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                        "llvm.prefetch.p0")
+    base = builder.bitcast(data, i8p)
+    for k in range(0, span, 64):
+        p = builder.gep(base, [builder.add(at, ir.Constant(at.type, k))])
+        builder.call(pf, [p, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+
+
 def _unpack(context, builder, signature, args):
     """The array arguments as Numba array structs, then the tile's origin (r0, j0)."""
     k = len(args) - 2
@@ -57,8 +71,10 @@ def _unpack(context, builder, signature, args):
 
 
 @functools.cache
-def tile(R: int, J: int):
-    """The R x J dot tile intrinsic (see the module docstring); built once per shape."""
+def tile(R: int, J: int, prefetch: bool = False):
+    """The R x J dot tile intrinsic (see the module docstring); built once per shape.
+    `prefetch`: per 8 weights of each row, a software prefetch of the next R rows' matching
+    bytes (the next tile's, contiguous after this one's; docs/kernels.md#decode-prefetch)."""
 
     @intrinsic
     def _tile(typingctx, w, X, Y, r0, j0):
@@ -93,9 +109,15 @@ def tile(R: int, J: int):
                 p = builder.gep(xa.data, [builder.add(xbase[j], i)])
                 return builder.load(builder.bitcast(p, f32x8.as_pointer()), align=4)
 
+            esize = 2 if bf16 else 4
             trips = builder.udiv(n, ir.Constant(i64, LANES))
             with cgutils.for_range(builder, trips) as loop:
                 i = builder.mul(loop.index, ir.Constant(i64, LANES))
+                if prefetch:
+                    ahead = builder.add(builder.mul(builder.add(r0v, ir.Constant(i64, R)), wrow),
+                                        builder.mul(i, ir.Constant(i64, R)))
+                    _prefetch_ahead(builder, wa.data, builder.mul(ahead, ir.Constant(i64, esize)),
+                                    max(64, R * LANES * esize))
                 xs = [load_x(j, i) for j in range(J)]
                 for r in range(R):
                     wv = load_w(r, i)
@@ -132,7 +154,7 @@ I8_BLOCK = 256  # weights whose int32 partial sums are exact before going to flo
 
 
 @functools.cache
-def tile_i8(R: int, J: int, vnni: bool):
+def tile_i8(R: int, J: int, vnni: bool, prefetch: bool = False):
     """The R x J tile of int8 weights against int16 activations: `t(w, X16, Y, r0, j0)` stores
     Y[j0 + j, r0 + r] = sum_i w[r0 + r, i] * X16[j0 + j, i] as float32, w (rows, n) int8, X16
     (B, n) int16, Y (B, rows) float32.
@@ -142,7 +164,11 @@ def tile_i8(R: int, J: int, vnni: bool):
     `vpdpwssd`, the add fused). Every pair sums each run of 256 weights exactly in int32 lanes
     (|sum| <= 256 * 127 * 32767 < 2**31), adds it to its f32 lanes, then sums the lanes in
     order and adds the n % 256 tail: a fixed sequence whatever R and J (integer sums are exact,
-    so how the products are grouped cannot change them), hence batch invariance."""
+    so how the products are grouped cannot change them), hence batch invariance.
+
+    `prefetch`: per 256 weights of each row, software prefetches of the next R rows' matching
+    256 * R bytes (the next tile's, contiguous after this one's), so a tile whose rows are short
+    (2560 bytes at the 2B width) still reads one stream well ahead of use (docs/kernels.md#decode-prefetch)."""
 
     @intrinsic
     def _tile(typingctx, w, X, Y, r0, j0):
@@ -174,6 +200,10 @@ def tile_i8(R: int, J: int, vnni: bool):
                     for j in range(J):
                         builder.store(ir.Constant(i32x8, None), iaccs[r][j])
                 base = builder.mul(blk.index, ir.Constant(i64, I8_BLOCK))
+                if prefetch:
+                    _prefetch_ahead(builder, wa.data,
+                                    builder.add(builder.mul(builder.add(r0v, ir.Constant(i64, R)), wrow),
+                                                builder.mul(base, ir.Constant(i64, R))), I8_BLOCK * R)
                 with cgutils.for_range(builder, ir.Constant(i64, I8_BLOCK // 16)) as inner:
                     i = builder.add(base, builder.mul(inner.index, ir.Constant(i64, 16)))
                     xs = [builder.load(builder.bitcast(builder.gep(xa.data, [builder.add(xbase[j], i)]),
@@ -222,7 +252,7 @@ Q4_GROUP = 64  # 4-bit weights per group: 32 packed bytes, one 256-bit register
 
 
 @functools.cache
-def tile_q4(R: int, J: int, vnni: bool):
+def tile_q4(R: int, J: int, vnni: bool, prefetch: bool = False):
     """The R x J tile of 4-bit weights against int8 activations quantized per group:
     `t(packed, CS, XQ, XT, Y, r0, j0)` stores Y[j0 + j, r0 + r] = W[r0 + r] . x_j, with packed
     (rows, n/2) uint8 (in each group of 64, byte k holds weight k in its low nibble and weight
@@ -235,7 +265,8 @@ def tile_q4(R: int, J: int, vnni: bool):
     VNNI `vpdpbusd`), minus XT in lane 0, converted to f32 and multiplied into one 8-lane
     accumulator by the broadcast scale (one `llvm.fma`); the lanes are summed in order at the
     end. The nibbles of a weight row are unpacked once for all J activation rows. As `tile`,
-    the sequence per pair does not depend on R or J: batch invariance by construction."""
+    the sequence per pair does not depend on R or J: batch invariance by construction.
+    `prefetch`: as `tile_i8`'s, per group (the next R rows' 32 * R bytes)."""
 
     @intrinsic
     def _tile(typingctx, packed, CS, XQ, XT, Y, r0, j0):
@@ -273,6 +304,11 @@ def tile_q4(R: int, J: int, vnni: bool):
 
             with cgutils.for_range(builder, ngroups) as loop:
                 g = loop.index
+                if prefetch:
+                    _prefetch_ahead(builder, pa.data,
+                                    builder.add(builder.mul(builder.add(r0v, ir.Constant(i64, R)), prow),
+                                                builder.mul(g, ir.Constant(i64, R * Q4_GROUP // 2))),
+                                    R * Q4_GROUP // 2)
                 xo = builder.mul(g, ir.Constant(i64, Q4_GROUP))
                 xs = [(load32(at(qa, c, n, xo)),
                        load32(at(qa, c, n, builder.add(xo, ir.Constant(i64, Q4_GROUP // 2)))),
