@@ -2,6 +2,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
+# setuptools reports every editable install of a flat layout with a boxed notice ("Editable
+# installation ... folders in your working directory with the same name as your package");
+# information, not a fault: keep `make install` quiet
+EDITABLE = PYTHONWARNINGS="ignore:Editable installation"
 
 .PHONY: install install-reference test test-generic test-live fixtures bench docs clean
 
@@ -9,7 +13,7 @@ install: $(BIN)/rgemma
 $(BIN)/rgemma: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[serve,test]'
+	$(EDITABLE) $(BIN)/pip install --quiet -e '.[serve,test]'
 	@# compile the Numba kernels once now (they are cached), so the first real run starts warm
 	$(BIN)/rgemma generate -m demo -n 1 -t 0 -q "Hello" > /dev/null
 	@touch $@
@@ -17,7 +21,7 @@ $(BIN)/rgemma: pyproject.toml
 
 # The references (torch CPU, transformers, recurrentgemma): only for fixtures and live parity.
 install-reference: install
-	$(BIN)/pip install --quiet -e '.[serve,test,reference]'
+	$(EDITABLE) $(BIN)/pip install --quiet -e '.[serve,test,reference]'
 	$(BIN)/pip install --quiet --no-deps recurrentgemma==1.0.1
 
 # On a fresh clone `make test` installs first (the venv is a prerequisite, not a surprise).

@@ -16,12 +16,25 @@ from . import jitcache
 
 jitcache.choose()  # before any kernel is compiled: a writable cache, or none (one warning)
 
-from .errors import RgemmaError  # noqa: E402
-from .generation import Session  # noqa: E402
-from .sampling import SamplerSettings  # noqa: E402
-
 __all__ = ["load", "RgemmaError", "Session", "SamplerSettings"]
 __version__ = "0.1.0"
+
+# Imported on first use (PEP 562), so that importing the package stays light: the `rgemma`
+# command (`entry.py`) can take over Ctrl-C before NumPy, Numba and the model code load.
+_LAZY = {"RgemmaError": "errors", "Session": "generation", "SamplerSettings": "sampling"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def load(path_or_repo_id: str):

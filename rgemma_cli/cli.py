@@ -18,6 +18,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from . import startup
 from .errors import RgemmaError, not_utf8
 from .sampling import SamplerSettings
 from .schema import plural
@@ -114,6 +115,7 @@ def _user_errors(fn):
     """Turn RgemmaError into one line on stderr and exit status 1; Ctrl-C into status 130."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        startup.started()  # the arguments are parsed: Ctrl-C now stops what the command does
         try:
             return fn(*args, **kwargs)
         except RgemmaError as e:
@@ -688,6 +690,9 @@ def main(argv: list[str] | None = None) -> int:
         _error("out of memory")
         return 1
     except Exception as e:  # a bug; still one line, and the traceback on request
+        if startup.interrupted:  # a library made the Ctrl-C into another error (an import's
+            print("interrupted", file=sys.stderr)  # "initialization failed")
+            return 130
         if os.environ.get("RGEMMA_DEBUG"):
             raise
         _error(f"internal error ({type(e).__name__}: {e}); please report it with the command "
