@@ -276,6 +276,30 @@ def _shares_a_screen(broken: bool) -> bool:
         return False
 
 
+def _wait_for_the_reader(limit: float = 0.25) -> None:
+    """stdout is a pipe to a reader (`| cat`) that prints to the terminal stderr writes to: wait
+    (at most `limit` s) until the reader has taken every byte of the text, so that the stats
+    line written straight to the terminal does not overtake the end of the text. Linux and
+    macOS report a pipe's unread bytes through FIONREAD on either end."""
+    import fcntl
+    import stat
+    import struct
+    import termios
+    import time
+    try:
+        if not (sys.stderr.isatty() and stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode)):
+            return
+        end = time.monotonic() + limit
+        while time.monotonic() < end:
+            unread = struct.unpack("i", fcntl.ioctl(sys.stdout.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+            if unread == 0:
+                time.sleep(0.01)  # the reader has read the text; let it write it
+                return
+            time.sleep(0.005)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def _say(line: str) -> None:
     """A status line on stderr; a closed stderr (`2>&1 | head`) is no reason to stop."""
     try:
@@ -366,6 +390,8 @@ def generate(
         # text not ending in a newline would share its last line with the stats when both reach
         # one terminal (stdout piped through `cat`, or 2>&1): start the stats on a line of their own
         glued = not tty and g.chars and not g.last_newline and _shares_a_screen(broken)
+        if not tty and not broken:
+            _wait_for_the_reader()
         _say(("\n" if glued else "") + _stats(g, session.settings.seed))
     save_state(save_state_path, session, model, quiet)
     if broken:

@@ -568,6 +568,21 @@ def test_closed_pipe_exits_141_and_saves_what_was_written(tiny_base_dir, tmp_pat
     assert 20 <= len(saved.transcript[-1]["content"].encode()) and saved.ctx.tokens_seen < 20000
 
 
+def _read_terminal(master: int) -> bytes:
+    """Everything written to a pty until every writer has closed it; closes the master."""
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the last writer closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    return out
+
+
 def test_stats_start_on_a_line_of_their_own_when_they_share_a_screen(tiny_base_dir):
     """Text without a final newline, stdout a pipe: the stats line on stderr must not continue
     the text's last line, whether stderr is a terminal (`| cat` in a terminal) or the same pipe
@@ -585,16 +600,7 @@ def test_stats_start_on_a_line_of_their_own_when_they_share_a_screen(tiny_base_d
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave)
     os.close(slave)
     out = p.stdout.read().decode()
-    err = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        err += chunk
-    os.close(master)
+    err = _read_terminal(master)
     assert p.wait(timeout=60) == 0
     assert out == text and b"\nprompt: " in err  # (a spinner may come first: it erases itself)
 
@@ -620,3 +626,29 @@ def test_ctrl_c_while_starting_exits_130_with_one_line(tiny_base_dir, delay):
         # a shell reports as 130 too
         assert p.returncode in (130, -signal.SIGINT)
         assert lines[0] == "interrupted" or lines[0].startswith("prompt: ")
+
+
+def test_stats_wait_for_a_slow_reader_of_the_text_on_the_same_terminal(tiny_base_dir):
+    """`rgemma generate ... | cat` in a terminal: the stats go straight to the terminal while
+    the text's end may still sit in the pipe; they must come after the whole text. The reader
+    here takes 5 ms per byte, so without waiting for it the stats overtook the text."""
+    import pty
+    import subprocess
+    text = gen_json(tiny_base_dir, "-n", 8, "-t", 0, "Hello")["text"]
+    assert len(text.encode()) >= 8
+    reader = ("import os, time\n"  # unbuffered, as cat: what it has read, it writes at once
+              "while True:\n"
+              "    b = os.read(0, 1)\n"
+              "    if not b: break\n"
+              "    os.write(1, b); time.sleep(0.005)\n")
+    master, slave = pty.openpty()
+    gen = subprocess.Popen([sys.executable, "-m", "rgemma_cli.cli", "generate", "-m", str(tiny_base_dir),
+                            "-n", "8", "-t", "0", "Hello"], stdout=subprocess.PIPE, stderr=slave)
+    cat = subprocess.Popen([sys.executable, "-c", reader], stdin=gen.stdout, stdout=slave)
+    gen.stdout.close()
+    os.close(slave)
+    screen = _read_terminal(master)
+    assert gen.wait(timeout=60) == 0 and cat.wait(timeout=60) == 0
+    shown = screen.decode(errors="replace").replace("\r\n", "\n")
+    assert text in shown and "prompt: " in shown
+    assert shown.index(text) + len(text) <= shown.index("prompt: "), shown
