@@ -6,7 +6,7 @@ For bf16, int8 and 4-bit weights of the 2B MLP shape (7680 x 2560; copies cycled
 stays in cache), times y = W x with R weight rows per register tile (R = 4, 2, 1), with and
 without software prefetch of the next tile's rows, interleaved round by round with the read
 probe `rgemma bench` uses. Prints GB/s best / median, 1 and 2 threads, and the median fraction of
-the probe. x86 only (the tiles are x86 intrinsics). What `cpu.DECODE_ROWS` picks per CPU family
+the probe. x86 only (the tiles are x86 intrinsics). What `cpu.DECODE_TILES` picks per CPU family
 comes from this table (docs/kernels.md#decode-prefetch).
 """
 
@@ -98,7 +98,7 @@ def main() -> None:
         assert np.array_equal(y, ref), (f, R, pf)
     probe = ReadProbe(1 << 30)
     print(f"CPU: {cpu.describe()}")
-    print(f"DECODE_ROWS here: {cpu.DECODE_ROWS}")
+    print(f"DECODE_TILES here: {cpu.DECODE_TILES}")
     for threads in (1, 2):
         numba.set_num_threads(threads)
         rates = {key: [] for key in kernels} | {"probe": []}

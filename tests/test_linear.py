@@ -193,8 +193,8 @@ def test_int8_kernel_takes_read_only_weights():
                     reason="the register tiles are x86 kernels")
 @pytest.mark.parametrize("fmt", ["f32", "bf16", "int8", "q4"])
 def test_every_decode_tile_shape_gives_the_same_bits(fmt):
-    # cpu.DECODE_ROWS picks the rows per decode tile by CPU family (and prefetching with fewer
-    # than 4): whichever a machine gets, a row's bits are those of the 4 x 2 batched tiles, so
+    # cpu.DECODE_TILES picks the rows per decode tile and whether it prefetches by CPU family:
+    # whichever a machine gets, a row's bits are those of the 4 x 2 batched tiles, so
     # every shape is run here on this machine. 12 rows: the last tile's prefetch points past
     # the array (a prefetch must not fault).
     from numba import njit

@@ -32,16 +32,16 @@ def _isa() -> str:
 
 ISA = _isa()
 
-# Weight rows per tile of the decode (B = 1) kernels, per format; fewer than four means the
-# tile also prefetches the next tile's rows. On AVX2 hosts: measured on the Zen 3 (2026-11-30,
-# docs/kernels.md#decode-prefetch), where four-row tiles read four short streams at once (a 2B
-# row is 5120 bf16 bytes, 2560 int8, 1280 packed 4-bit) that the hardware prefetcher followed
-# poorly: int8 streamed 0.64 of the read probe, 4-bit 0.39; one prefetching row at a time ~1.0
-# and ~0.85, bf16 in two-row tiles ~0.98 (one bf16 row is one FMA chain: latency-bound). The
-# AVX-512 machines keep the four-row tiles measured there (Zen 5: 0.88 of the ceiling in int8);
-# the other shapes are untested there.
-DECODE_ROWS = ({"f32": 4, "bf16": 2, "int8": 1, "q4": 1} if ISA == "avx2"
-               else {"f32": 4, "bf16": 4, "int8": 4, "q4": 4})
+# The decode (B = 1) tiles per weight format: (weight rows per tile, whether each tile
+# prefetches the next tile's rows). On AVX2 hosts: measured on the Zen 3 (2026-11-30,
+# docs/kernels.md#decode-prefetch), where 4-row tiles without prefetch read four short streams
+# at once (a 2B row is 5120 bf16 bytes, 2560 int8, 1280 packed 4-bit) that the hardware
+# prefetcher followed poorly: int8 streamed ~0.55 of the read probe, 4-bit ~0.38. The AVX-512
+# machines keep the 4-row tiles measured there (Zen 5: 0.88 of the ceiling in int8) until
+# `bench/decode_tiles.py` has been run on them. Every choice gives the same bits.
+DECODE_TILES = ({"f32": (4, False), "bf16": (2, True), "int8": (1, True), "q4": (1, True)}
+                if ISA == "avx2" else
+                {"f32": (4, False), "bf16": (4, False), "int8": (4, False), "q4": (4, False)})
 
 # The features the kernels care about, in LLVM's names (what `features()` reports)
 KERNEL_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni",
@@ -117,9 +117,9 @@ def variant(fmt: str) -> str:
     if fmt == "f16" or (fmt in ("f32", "bf16") and not ISA):
         widen = {"f32": "", "bf16": "bf16 -> f32 by shift, ", "f16": "f16 -> f32 (vcvtph2ps), "}[fmt]
         return f"{widen}f32 fma, compiler-vectorised ({simd})"
-    rows = DECODE_ROWS.get(fmt, 4)
-    tiles = ("4-row register tiles" if rows == 4 else
-             f"{rows}-row tiles prefetching the next {rows} row{'s' if rows > 1 else ''}") + " (batched: 4 x 2)"
+    rows, prefetch = DECODE_TILES.get(fmt, (4, False))
+    tiles = (f"{rows}-row register tiles" + (", each prefetching the next" if prefetch else "")
+             + " (batched: 4 x 2)")
     if fmt in ("f32", "bf16"):
         widen = {"f32": "", "bf16": "bf16 -> f32 by shift, "}[fmt]
         return f"{widen}256-bit llvm.fma, {tiles} ({simd})"

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .cpu import DECODE_ROWS, ISA
+from .cpu import DECODE_TILES, ISA
 from .tile import tile, tile_i8, tile_q4
 from .widen import as_f32, f16_bits_to_f32
 
@@ -294,10 +294,11 @@ if ISA:
     # ymm registers, but LLVM unrolls the loop by two and spilled every accumulator to the
     # stack each step: 38 GFLOP/s in bf16 on Zen 3; 4 x 2 fits unrolled)
     _t4x1, _t1x1, _t4x2, _t1x2 = (tile(R, J) for R, J in ((4, 1), (1, 1), (4, 2), (1, 2)))
-    # the decode tiles (`cpu.DECODE_ROWS`: rows per tile; fewer than 4 also prefetch)
-    _F32_ROWS, _BF16_ROWS = DECODE_ROWS["f32"], DECODE_ROWS["bf16"]
-    _f32_decode = tile(_F32_ROWS, 1, prefetch=_F32_ROWS < 4)
-    _bf16_decode = tile(_BF16_ROWS, 1, prefetch=_BF16_ROWS < 4)
+    # the decode tiles of this CPU (`cpu.DECODE_TILES`: rows per tile, prefetch or not).
+    # (Numba's cache is keyed by this file: after changing them in cpu.py or tile.py, touch
+    # this file or the cached kernels keep the old ones)
+    _F32_ROWS, _BF16_ROWS = DECODE_TILES["f32"][0], DECODE_TILES["bf16"][0]
+    _f32_decode, _bf16_decode = tile(_F32_ROWS, 1, DECODE_TILES["f32"][1]), tile(_BF16_ROWS, 1, DECODE_TILES["bf16"][1])
     # no fastmath where the tiles are inlined: Numba's fast-math pass flags every float op of
     # the function, the tiles' in-order lane sums included, and LLVM then reorders them
     # differently per tile shape (a row's bits changed with the batch size)
@@ -305,7 +306,7 @@ if ISA:
 
     @njit(parallel=True, **_exact)
     def _matvec_tiled(w, x, b, y):
-        """y = W x + b, `cpu.DECODE_ROWS` weight rows per tile (x is read once for them all)."""
+        """y = W x + b, `cpu.DECODE_TILES` weight rows per tile (x is read once for them all)."""
         rows = w.shape[0]
         X, Y = x.reshape(1, x.size), y.reshape(1, rows)
         if w.itemsize == 2:
@@ -401,8 +402,8 @@ def _matmat_i8_portable(w, scale, X, b, Y):
 if ISA:
     _i4x1, _i1x1, _i4x2, _i1x2 = (tile_i8(R, J, ISA == "vnni") for R, J in
                                   ((4, 1), (1, 1), (4, 2), (1, 2)))
-    _I8_ROWS = DECODE_ROWS["int8"]
-    _i8_decode = tile_i8(_I8_ROWS, 1, ISA == "vnni", prefetch=_I8_ROWS < 4)
+    _I8_ROWS = DECODE_TILES["int8"][0]
+    _i8_decode = tile_i8(_I8_ROWS, 1, ISA == "vnni", DECODE_TILES["int8"][1])
 
     @njit(**_exact)
     def _scale_rows(Y, scale, xscale, b, lo, hi):
@@ -415,12 +416,12 @@ if ISA:
 
     @njit(parallel=True, **_exact)
     def _matvec_i8_tiled(w, scale, x, b, y):
-        """y = W x + b for int8 W: x quantized to int16 (`quantize_i16`), `cpu.DECODE_ROWS`
+        """y = W x + b for int8 W: x quantized to int16 (`quantize_i16`), `cpu.DECODE_TILES`
         weight rows per integer tile (`tile.tile_i8`)."""
         x16, xscale = quantize_i16(x)
         rows = w.shape[0]
         X, Y = x16.reshape(1, x.size), y.reshape(1, rows)
-        R = _I8_ROWS  # weight rows per tile (`cpu.DECODE_ROWS`)
+        R = _I8_ROWS  # weight rows per tile (`cpu.DECODE_TILES`)
         for t in prange(rows // R):
             _i8_decode(w, X, Y, R * t, 0)
         for r in range(rows - rows % R, rows):
@@ -509,8 +510,8 @@ def _quantize_groups_q4(X):
 if ISA:
     _q4x1, _q1x1, _q4x2, _q1x2 = (tile_q4(R, J, ISA == "vnni") for R, J in
                                   ((4, 1), (1, 1), (4, 2), (1, 2)))
-    _Q4_ROWS = DECODE_ROWS["q4"]
-    _q4_decode = tile_q4(_Q4_ROWS, 1, ISA == "vnni", prefetch=_Q4_ROWS < 4)
+    _Q4_ROWS = DECODE_TILES["q4"][0]
+    _q4_decode = tile_q4(_Q4_ROWS, 1, ISA == "vnni", DECODE_TILES["q4"][1])
 
     @njit(**_exact)
     def _tile_scales(scale, XS, r0, R, j0, J, CS):
@@ -541,7 +542,7 @@ if ISA:
     @njit(parallel=True, **_exact)
     def _matvec_q4_tiled(packed, scale, x, b, y):
         """y = W x + b for 4-bit W (groups of Q4_GROUP): x quantized per group,
-        `cpu.DECODE_ROWS` weight rows per integer tile (`tile.tile_q4`)."""
+        `cpu.DECODE_TILES` weight rows per integer tile (`tile.tile_q4`)."""
         XQ, XS, XT = _quantize_groups_q4(x.reshape(1, x.size))
         rows, ng = packed.shape[0], scale.shape[1]
         Y = y.reshape(1, rows)
@@ -549,7 +550,7 @@ if ISA:
         for t in prange((rows + chunk - 1) // chunk):
             CS = np.empty((4, ng), np.float32)
             lo, hi = t * chunk, min(rows, (t + 1) * chunk)
-            R = _Q4_ROWS  # weight rows per tile (`cpu.DECODE_ROWS`)
+            R = _Q4_ROWS  # weight rows per tile (`cpu.DECODE_TILES`)
             for r in range(lo, hi - (hi - lo) % R, R):
                 _tile_scales(scale, XS, r, R, 0, 1, CS)
                 _q4_decode(packed, CS, XQ, XT, Y, r, 0)
