@@ -154,9 +154,13 @@ def block_diagonal(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
     # (H, T, bw) copied, not a strided view: BLAS gets every operand contiguous. OpenBLAS
     # 0.3.31's SME kernel (arm64) returns wrong products for a left operand whose rows are
     # padded (16 rows of 4 x 4 blocks, docs/arm64.md); contiguous operands were right in every
-    # shape tried.
+    # shape tried. Its right results can still come with overflow / invalid flags raised in
+    # lanes it computes and discards (NumPy turned them into RuntimeWarnings on every prefill):
+    # ignored here; a non-finite value that reaches the logits is still caught there.
     xb = np.ascontiguousarray(x.reshape(x.shape[0], H, n).transpose(1, 0, 2))
-    return (np.matmul(xb, w).transpose(1, 0, 2) + b.reshape(H, m)).reshape(x.shape[0], H * m)
+    with np.errstate(all="ignore"):
+        y = np.matmul(xb, w)
+    return (y.transpose(1, 0, 2) + b.reshape(H, m)).reshape(x.shape[0], H * m)
 
 
 def batched_block_diagonal(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
