@@ -36,8 +36,8 @@ ISA = _isa()
 # prefetches the next tile's rows). On AVX2 hosts: measured on the Zen 3 (2026-11-30,
 # docs/kernels.md#decode-prefetch), where 4-row tiles without prefetch read four short streams
 # at once (a 2B row is 5120 bf16 bytes, 2560 int8, 1280 packed 4-bit) that the hardware
-# prefetcher followed poorly: int8 streamed ~0.64 of the read probe, 4-bit ~0.38; with these
-# choices 1.06, 0.96 and bf16 0.92 (medians, 2 threads, `bench/decode_tiles.py`). The AVX-512
+# prefetcher followed poorly: int8 streamed 0.67 of the read probe, 4-bit 0.42, bf16 0.78;
+# with these choices 0.77, 0.75 and 0.83 (medians, 2 threads, `bench/decode_tiles.py`). The AVX-512
 # machines keep the 4-row tiles measured there (Zen 5: 0.88 of the ceiling in int8) until
 # `bench/decode_tiles.py` has been run on them. Every choice gives the same bits.
 DECODE_TILES = ({"f32": (4, False), "bf16": (2, True), "int8": (1, True), "q4": (2, True)}
