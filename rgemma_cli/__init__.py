@@ -12,10 +12,6 @@
 
 from __future__ import annotations
 
-from . import jitcache
-
-jitcache.choose()  # before any kernel is compiled: a writable cache, or none (one warning)
-
 __all__ = ["load", "RgemmaError", "Session", "SamplerSettings"]
 __version__ = "0.1.0"
 

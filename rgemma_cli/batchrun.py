@@ -243,8 +243,9 @@ def run_batch(model, tokenizer, lines: list[str], output: Path | None, *, batch_
 
 
 def _progress(total: int, enabled: bool):
-    """A started Rich progress bar on stderr (requests done, aggregate tok/s), or None."""
-    if not enabled:
+    """A started Rich progress bar on stderr (requests done, aggregate tok/s), or None. Only
+    on a terminal: elsewhere Rich draws nothing but still leaves an empty line."""
+    if not enabled or not sys.stderr.isatty():
         return None
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,

@@ -122,6 +122,7 @@ def _user_errors(fn):
             _error(str(e))
             raise typer.Exit(e.exit_code)
         except KeyboardInterrupt:
+            startup.handled()
             print("interrupted", file=sys.stderr)
             raise typer.Exit(130)
     return wrapper
@@ -296,6 +297,8 @@ def _wait_for_the_reader(limit: float = 0.25) -> None:
                 time.sleep(0.01)  # the reader has read the text; let it write it
                 return
             time.sleep(0.005)
+    except KeyboardInterrupt:  # the text is out: stop waiting, still print the stats and save
+        startup.handled()
     except (OSError, ValueError, AttributeError):
         pass
 
@@ -358,11 +361,14 @@ def generate(
     tty = sys.stdout.isatty()
     broken = False  # the reader of stdout left (`| head`): a normal end, exit 141
     try:
+        startup.raise_if_swallowed()  # (a Ctrl-C while the model loaded)
         for piece in g:
             if not as_json:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
+            startup.raise_if_swallowed()
     except KeyboardInterrupt:
+        startup.handled()
         session.interrupt(g)
     except BrokenPipeError:
         session.interrupt(g)  # keep the state as of the text handed to stdout
@@ -447,6 +453,7 @@ def batch(
                      max_tokens=max_tokens, stop=tuple(stop or ()), chat=use_chat, system=system,
                      progress=not quiet)
     if not done:
+        _say("interrupted")
         raise typer.Exit(130)
 
 
@@ -701,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(argv)
     except KeyboardInterrupt:
+        startup.handled()
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:

@@ -9,4 +9,7 @@ from . import startup
 def main() -> int:
     startup.begin()
     from .cli import main as cli_main
-    return cli_main()
+    try:
+        return cli_main()
+    finally:
+        startup.finishing()

@@ -10,7 +10,9 @@ traceback, the parser exited 130 without a word, and an interrupted C-extension 
 - running (`started`, the first thing every command does once its arguments are parsed): Ctrl-C
   raises KeyboardInterrupt as usual, so generation can stop and save its state, and records
   that it happened (`interrupted`), so that an exception a library made of it still ends as an
-  interrupt (exit 130), not as an internal error.
+  interrupt (exit 130), not as an internal error, and one a library swallowed is raised again
+  at the next point that checks (`raise_if_swallowed`).
+- finishing (`finishing`, once the command has returned): another Ctrl-C exits 130 at once.
 
 Importing `rgemma_cli.cli` alone (the tests, a library user) changes no signal handler.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 import os
 import signal
 
-interrupted = False  # a Ctrl-C reached the running command
+interrupted = False  # a Ctrl-C reached the running command and no handler of ours has seen it
 
 
 def _exit_while_starting(signum, frame):
@@ -28,10 +30,28 @@ def _exit_while_starting(signum, frame):
     os._exit(130)
 
 
+def _exit_while_finishing(signum, frame):
+    os._exit(130)  # the command has returned and said what it did; only exiting is left
+
+
 def _interrupt(signum, frame):
     global interrupted
     interrupted = True
     raise KeyboardInterrupt
+
+
+def handled() -> None:
+    """A handler of ours has caught the KeyboardInterrupt."""
+    global interrupted
+    interrupted = False
+
+
+def raise_if_swallowed() -> None:
+    """Raise the KeyboardInterrupt of a Ctrl-C that a library swallowed (one raised inside a
+    ctypes callback, such as Numba's object cache, is printed as "Exception ignored" and
+    dropped), so that the command stops at this point as if it had arrived here."""
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def begin() -> None:
@@ -43,3 +63,10 @@ def started() -> None:
     """The running phase, if `begin` was called (else nothing changes)."""
     if signal.getsignal(signal.SIGINT) is _exit_while_starting:
         signal.signal(signal.SIGINT, _interrupt)
+
+
+def finishing() -> None:
+    """The command has returned: another Ctrl-C (while Python shuts down) exits 130 at once,
+    not with a traceback from the interpreter's shutdown."""
+    if signal.getsignal(signal.SIGINT) in (_exit_while_starting, _interrupt):
+        signal.signal(signal.SIGINT, _exit_while_finishing)

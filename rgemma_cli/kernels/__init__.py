@@ -8,3 +8,7 @@
 Kernels take and return plain NumPy arrays; which kernel serves which stored weight is decided
 in `rgemma_cli.formats`. Notes on why they are written as they are: docs/kernels.md.
 """
+
+from . import jitcache
+
+jitcache.choose()  # before any kernel is defined: a writable cache, or none (one warning)

@@ -5,9 +5,9 @@ that is not writable (a system-wide install run by another user), under the user
 directory (`$XDG_CACHE_HOME/numba`, else `~/.cache/numba`; `NUMBA_CACHE_DIR` overrides both).
 When none of these can be written (a service user without a home, a read-only container),
 Numba refuses every cached kernel at import ("cannot cache function ...: no locator
-available"). `choose()` runs before any kernel is defined and, in that case only, points
-Numba at a directory of this process (compiled kernels are not kept between runs), with one
-line of warning on stderr.
+available"). `choose()` runs before any kernel is defined (`rgemma_cli.kernels` calls it)
+and, in that case only, points Numba at a directory of this process (compiled kernels are not
+kept between runs), with one line of warning on stderr.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-KERNELS = Path(__file__).resolve().parent / "kernels"
+KERNELS = Path(__file__).resolve().parent
 
 
 def _writable(directory: str | os.PathLike) -> bool:
@@ -39,8 +39,19 @@ def user_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()) / "numba"
 
 
+_chosen: str | None = None
+
+
 def choose() -> str:
-    """Make sure Numba has a cache it can write; returns where it will cache (a description)."""
+    """Make sure Numba has a cache it can write; returns where it will cache (a description).
+    Decided once per process (by `rgemma_cli.kernels`, before its first kernel)."""
+    global _chosen
+    if _chosen is None:
+        _chosen = _choose()
+    return _chosen
+
+
+def _choose() -> str:
     given = os.environ.get("NUMBA_CACHE_DIR")
     if given and _writable(given):
         return given
