@@ -132,7 +132,8 @@ def test_interrupt_keeps_finished_lines_and_rerun_skips_them(tiny_model_dir, tmp
         return real_step(self)
 
     monkeypatch.setattr(engine.Engine, "step", step)
-    rg("batch", "-m", tiny_model_dir, "-q", "-b", 5, "-o", dst, src, code=130)
+    r = rg("batch", "-m", tiny_model_dir, "-q", "-b", 5, "-o", dst, src, code=130)
+    assert r.stderr.strip().splitlines() == ["interrupted"]  # one line, not silence
     kept = _lines(dst)
     assert 0 < len(kept) < len(reqs)
     assert all(k in full for k in kept)

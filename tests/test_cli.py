@@ -652,3 +652,24 @@ def test_stats_wait_for_a_slow_reader_of_the_text_on_the_same_terminal(tiny_base
     shown = screen.decode(errors="replace").replace("\r\n", "\n")
     assert text in shown and "prompt: " in shown
     assert shown.index(text) + len(text) <= shown.index("prompt: "), shown
+
+
+def test_ctrl_c_while_the_stats_wait_for_the_reader_ends_only_the_wait(monkeypatch):
+    # the text is out; a Ctrl-C while waiting for `| cat` to show it must not skip the stats and
+    # the --save-state that follow (it did: KeyboardInterrupt escaped from the wait)
+    import time
+    from rgemma_cli import cli as C
+    r, w = os.pipe()
+    try:
+        os.write(w, b"unread text")  # a reader that never reads
+        out = os.fdopen(w, "w", closefd=False)
+        monkeypatch.setattr(sys, "stdout", out)
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+
+        def ctrl_c(_):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(time, "sleep", ctrl_c)
+        C._wait_for_the_reader()  # returns: no KeyboardInterrupt
+    finally:
+        os.close(r)
+        os.close(w)
