@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from . import startup
 from .errors import RgemmaError
 from .decode import Context
 from .generation import Session
@@ -170,6 +171,7 @@ class ChatUI:
                 out.flush()
             out.write("\n")
         except KeyboardInterrupt:
+            startup.handled()  # the chat goes on: this Ctrl-C is spent
             s.interrupt(g)
             out.write("\n")
             if g.cancelled:  # still reading the message: forgotten, as if never sent
