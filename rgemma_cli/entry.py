@@ -9,7 +9,16 @@ from . import startup
 def main() -> int:
     startup.begin()
     from .cli import main as cli_main
+    code = 130
     try:
-        return cli_main()
+        code = cli_main()
+    except KeyboardInterrupt:  # a second Ctrl-C just as the command returned
+        code = 130
     finally:
-        startup.finishing()
+        while True:  # (one may also land inside this switch)
+            try:
+                startup.finishing()
+                break
+            except KeyboardInterrupt:
+                code = 130
+    return code
