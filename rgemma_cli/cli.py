@@ -122,7 +122,6 @@ def _user_errors(fn):
             _error(str(e))
             raise typer.Exit(e.exit_code)
         except KeyboardInterrupt:
-            startup.handled()
             print("interrupted", file=sys.stderr)
             raise typer.Exit(130)
     return wrapper
@@ -708,7 +707,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(argv)
     except KeyboardInterrupt:
-        startup.handled()
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:

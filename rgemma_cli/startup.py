@@ -41,7 +41,9 @@ def _interrupt(signum, frame):
 
 
 def handled() -> None:
-    """A handler of ours has caught the KeyboardInterrupt."""
+    """A handler of ours has caught the KeyboardInterrupt and the command goes on (the reply
+    stopped, the stats and the save still to come): the Ctrl-C is spent. (Handlers that end
+    the command need not say so.)"""
     global interrupted
     interrupted = False
 

@@ -39,19 +39,8 @@ def user_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()) / "numba"
 
 
-_chosen: str | None = None
-
-
 def choose() -> str:
-    """Make sure Numba has a cache it can write; returns where it will cache (a description).
-    Decided once per process (by `rgemma_cli.kernels`, before its first kernel)."""
-    global _chosen
-    if _chosen is None:
-        _chosen = _choose()
-    return _chosen
-
-
-def _choose() -> str:
+    """Make sure Numba has a cache it can write; returns where it will cache (a description)."""
     given = os.environ.get("NUMBA_CACHE_DIR")
     if given and _writable(given):
         return given
